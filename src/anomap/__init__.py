@@ -1,0 +1,21 @@
+"""anomap: unsupervised visual anomaly detection and localization for industrial images.
+
+Public API: the detectors (`PatchCore`, ...), `create(method, **params)`, `load(path)`, `methods()`;
+data sets in `anomap.data`, metrics in `anomap.metrics`. Detectors are imported on first use, so
+`import anomap.metrics` stays light.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_FROM_DETECTORS = ("Detector", "PatchCore", "Prediction", "create", "load", "methods")
+__all__ = ["AnomapError", *_FROM_DETECTORS]
+
+
+def __getattr__(name: str):
+    if name in _FROM_DETECTORS:
+        return getattr(import_module(".detectors", __name__), name)
+    if name == "AnomapError":
+        return import_module(".errors", __name__).AnomapError
+    raise AttributeError(f"module 'anomap' has no attribute {name!r}")

@@ -1,0 +1,72 @@
+"""The feature pipeline shared by the detectors built on a pretrained backbone:
+images -> preprocessing -> backbone -> named feature maps, in batches, on the chosen device."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..backbones import create_extractor
+from ..data import Preprocess, iter_batches
+from ..errors import AnomapError, ScoreError
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AnomapError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise AnomapError(f"unknown device {device!r}; use cpu, cuda or auto")
+    return torch.device(device)
+
+
+class Encoder:
+    """A frozen backbone with its preprocessing.
+
+    Args:
+        backbone: backbone name (see `anomap.backbones.backbone_names()`).
+        layers: feature layers to return.
+        weights: "imagenet", "random" or a path to a weights file.
+        image_size: resize target; `crop`: optional center crop.
+        device: "cpu", "cuda" or "auto".
+        batch_size: images per forward pass.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        layers: Sequence[str],
+        weights: str,
+        image_size: int,
+        crop: int | None,
+        device: str,
+        batch_size: int,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.layers = tuple(layers)
+        self.extractor = create_extractor(backbone, self.layers, weights=weights).to(self.device)
+        self.preprocess = Preprocess(
+            size=image_size, crop=crop, mean=self.extractor.mean, std=self.extractor.std
+        )
+        self.batch_size = batch_size
+
+    @property
+    def size(self) -> int:
+        """Side of the square network input, which is also the side of the anomaly maps."""
+        return self.preprocess.output_size
+
+    def batches(self, images, desc: str = "features") -> Iterator[dict[str, torch.Tensor]]:
+        """Yield layer name -> (B, C, h, w) feature maps on `self.device`, batch by batch."""
+        n = len(images)
+        with torch.inference_mode(), tqdm(total=n, desc=desc, unit="img", disable=None) as bar:
+            for batch in iter_batches(images, self.preprocess, batch_size=self.batch_size):
+                feats = self.extractor(batch.to(self.device, non_blocking=True))
+                for name, fmap in feats.items():
+                    if not torch.isfinite(fmap).all():
+                        raise ScoreError(f"the backbone produced non-finite {name} features; check its weights")
+                yield feats
+                bar.update(batch.shape[0])

@@ -1,0 +1,211 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+Fit: locally aggregated patch features of every training image -> memory bank, subsampled by a
+greedy coreset. Predict: each test patch's distance to its nearest bank entries is its score; the
+image score is the largest patch score; the map is the upsampled, blurred patch score grid.
+
+The image score is the plain maximum by default (`reweight=False`). The paper's reweighting (Eq. 7)
+scales it by 1 - softmax weight of the nearest entry among its own `reweight_neighbors` bank
+neighbours; measured on the bundled sets it changes AUROC by little (see benchmarks/patchcore.py),
+while the plain maximum is simpler to interpret and to threshold.
+
+Default threshold (set by `fit`): mean + 3 sigma of leave-out scores of up to `threshold_images`
+training images, each scored against the bank with its own patches removed, so the scores behave
+like those of unseen normal images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..backbones import layer_info
+from ..errors import AnomapError
+from ..ops import align_concat, gaussian_blur, greedy_coreset, knn, reduce_channels, upsample
+from .base import Detector, Prediction
+from .features import Encoder
+
+SAMPLERS = ("coreset", "random", "none")
+
+
+class PatchCore(Detector):
+    """PatchCore anomaly detector.
+
+    Args:
+        backbone, layers, weights, image_size, crop, device, batch_size: the feature pipeline
+            (see `anomap.detectors.features.Encoder`).
+        target_dim: reduce patch features to this many channels (adaptive average pooling over
+            channels); None keeps all.
+        sampler: "coreset" (greedy k-center), "random" (seeded fraction) or "none" (all patches).
+        coreset_ratio: fraction of patches kept by "coreset" and "random".
+        project_dim: dimension of the random projection the coreset distances are measured on.
+        k: nearest neighbours averaged into a patch score.
+        reweight: apply the paper's Eq. 7 reweighting to the image score.
+        reweight_neighbors: bank neighbourhood size used by the reweighting.
+        blur_sigma: Gaussian blur of the anomaly map, in pixels.
+        threshold_images: at most this many training images give the leave-out threshold.
+        seed: seeds the coreset, the random sampler and the threshold image choice.
+    """
+
+    method = "patchcore"
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[str] = ("layer2", "layer3"),
+        weights: str = "imagenet",
+        image_size: int = 256,
+        crop: int | None = None,
+        target_dim: int | None = None,
+        sampler: str = "coreset",
+        coreset_ratio: float = 0.1,
+        project_dim: int = 128,
+        k: int = 1,
+        reweight: bool = False,
+        reweight_neighbors: int = 9,
+        blur_sigma: float = 4.0,
+        threshold_images: int = 200,
+        device: str = "auto",
+        batch_size: int = 16,
+        seed: int = 42,
+    ) -> None:
+        self.backbone = backbone
+        self.layers = tuple(layers)
+        self.weights = weights
+        self.image_size = image_size
+        self.crop = crop
+        self.target_dim = target_dim
+        self.sampler = sampler
+        self.coreset_ratio = coreset_ratio
+        self.project_dim = project_dim
+        self.k = k
+        self.reweight = reweight
+        self.reweight_neighbors = reweight_neighbors
+        self.blur_sigma = blur_sigma
+        self.threshold_images = threshold_images
+        self.device = device
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def _encoder(self) -> Encoder:
+        return Encoder(
+            self.backbone, self.layers, self.weights, self.image_size, self.crop, self.device, self.batch_size
+        )
+
+    def _embedding_dim(self) -> int:
+        channels, _ = layer_info(self.backbone, self.layers)
+        total = sum(channels.values())
+        return total if self.target_dim is None else min(total, self.target_dim)
+
+    def _embed(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Feature maps -> (B, h, w, D) patch embeddings."""
+        x = align_concat(feats, self.layers, pool=3).permute(0, 2, 3, 1)
+        if self.target_dim is not None:
+            x = reduce_channels(x.reshape(-1, x.shape[-1]), self.target_dim).reshape(*x.shape[:3], -1)
+        return x
+
+    def fit(self, images) -> PatchCore:
+        """Build the memory bank from normal images (Samples, paths or arrays) and set the threshold."""
+        if self.sampler not in SAMPLERS:
+            raise AnomapError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if not 0 < self.coreset_ratio <= 1:
+            raise AnomapError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if len(images) < 1:
+            raise AnomapError("fit needs at least one training image")
+        self.encoder_ = self._encoder()
+        # Patches are kept in float16 while streaming: half the memory of the full feature set.
+        chunks = [self._embed(f).to("cpu", torch.float16) for f in self.encoder_.batches(images, "fit features")]
+        patches = torch.cat(chunks)  # (N, h, w, D)
+        self.grid_ = tuple(patches.shape[1:3])
+        per_image = self.grid_[0] * self.grid_[1]
+        flat = patches.reshape(-1, patches.shape[-1])
+        keep = self._subsample(flat)
+        self.memory_bank_ = flat[keep].to(self.encoder_.device, torch.float32)
+        self.fitted_ = True
+        source = keep.div(per_image, rounding_mode="floor").to(self.encoder_.device)
+        self.train_scores_ = self._leave_out_scores(patches, source)
+        self.set_threshold(float(self.train_scores_.mean() + 3 * self.train_scores_.std()))
+        return self
+
+    def _subsample(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, D) candidate patches -> (n,) indices of the bank entries, sorted."""
+        total = flat.shape[0]
+        n = max(1, int(round(total * self.coreset_ratio)))
+        if self.sampler == "none" or n >= total:
+            return torch.arange(total)
+        if self.sampler == "random":
+            gen = torch.Generator().manual_seed(self.seed)
+            return torch.randperm(total, generator=gen)[:n].sort().values
+        dev_flat = flat.to(self.encoder_.device)
+        return greedy_coreset(dev_flat, n, seed=self.seed, project_dim=self.project_dim).sort().values
+
+    def _leave_out_scores(self, patches: torch.Tensor, source: torch.Tensor) -> np.ndarray:
+        """(N,) image scores of a seeded subset of training images, own patches excluded."""
+        gen = torch.Generator().manual_seed(self.seed)
+        count = min(self.threshold_images, patches.shape[0])
+        chosen = torch.randperm(patches.shape[0], generator=gen)[:count].tolist()
+        scores = []
+        for i in chosen:
+            exclude = source == i
+            if bool(exclude.all()):
+                raise AnomapError("the threshold needs at least two training images")
+            q = patches[i].to(self.encoder_.device, torch.float32).reshape(1, -1, self.memory_bank_.shape[1])
+            scores.append(self._score(q, exclude)[0])
+        return torch.cat(scores).cpu().numpy()
+
+    def _score(self, q: torch.Tensor, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, P, D) patches -> image scores (B,), patch scores (B, P)."""
+        b, p, d = q.shape
+        k = min(self.k, self.memory_bank_.shape[0])
+        dist, idx = knn(q.reshape(-1, d), self.memory_bank_, k, exclude=exclude)
+        patch = dist.mean(1).reshape(b, p)
+        top = patch.argmax(1)  # (B,) the most anomalous patch of each image
+        image = patch.gather(1, top[:, None]).squeeze(1)
+        if self.reweight:
+            nearest = idx[:, 0].reshape(b, p).gather(1, top[:, None]).squeeze(1)
+            image = image * self._reweight(q[torch.arange(b), top], nearest)
+        return image, patch
+
+    def _reweight(self, worst: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """Paper Eq. 7: (B, D) worst test patches, (B,) their nearest bank entries -> (B,) weights."""
+        n = min(self.reweight_neighbors, self.memory_bank_.shape[0])
+        _, support = knn(self.memory_bank_[nearest], self.memory_bank_, n)  # (B, n), support[:, 0] = nearest
+        dist = torch.linalg.vector_norm(self.memory_bank_[support] - worst[:, None], dim=2)  # (B, n)
+        return 1 - F.softmax(dist, dim=1)[:, 0]
+
+    def predict(self, images) -> Prediction:
+        """Score images: (N,) image scores and (N, S, S) anomaly maps."""
+        self._check_fitted()
+        scores, maps = [], []
+        for feats in self.encoder_.batches(images, "predict"):
+            q = self._embed(feats)
+            b, h, w, d = q.shape
+            image, patch = self._score(q.reshape(b, h * w, d))
+            amap = gaussian_blur(upsample(patch.reshape(b, h, w), self.encoder_.size), self.blur_sigma)
+            scores.append(image.cpu())
+            maps.append(amap.cpu())
+        return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy(), self.threshold_)
+
+    @property
+    def preprocess_(self):
+        """The preprocessing of the fitted model (`anomap.data.Preprocess`)."""
+        return self.encoder_.preprocess
+
+    def _get_state(self):
+        tensors = {"memory_bank": self.memory_bank_, "train_scores": torch.from_numpy(self.train_scores_)}
+        return tensors, {"grid": list(self.grid_)}
+
+    def _set_state(self, tensors, state) -> None:
+        bank = tensors["memory_bank"]
+        dim = self._embedding_dim()
+        if bank.ndim != 2 or bank.shape[1] != dim or bank.shape[0] < 1:
+            raise ValueError(f"memory bank of shape {tuple(bank.shape)}, expected (n, {dim})")
+        self.encoder_ = self._encoder()
+        self.memory_bank_ = bank.to(self.encoder_.device, torch.float32)
+        self.train_scores_ = tensors["train_scores"].numpy()
+        self.grid_ = tuple(state["grid"])
+        self.fitted_ = True

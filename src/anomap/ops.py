@@ -1,0 +1,174 @@
+"""Plain tensor functions shared by the detectors: patch embedding, coreset selection, nearest
+neighbours, blur. Everything works on CPU and CUDA tensors alike."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import AnomapError
+
+# Largest distance matrix block computed at once, in elements (64 Mi floats = 256 MB).
+_BLOCK_ELEMENTS = 64 * 1024 * 1024
+
+
+def align_concat(features: dict[str, torch.Tensor], layers: Sequence[str], *, pool: int = 1) -> torch.Tensor:
+    """Average each map over a `pool` x `pool` neighbourhood, upsample to the first layer's grid, concatenate.
+
+    Args:
+        features: layer name -> (B, C_l, H_l, W_l).
+        layers: the layers to use; the first one sets the grid (the shallowest).
+        pool: neighbourhood size of the local average (1 = none).
+
+    Returns:
+        (B, sum C_l, H, W) with (H, W) the first layer's grid.
+    """
+    size = features[layers[0]].shape[-2:]
+    maps = []
+    for name in layers:
+        fmap = features[name].float()
+        if pool > 1:
+            fmap = F.avg_pool2d(fmap, pool, stride=1, padding=pool // 2, count_include_pad=False)
+        if fmap.shape[-2:] != size:
+            fmap = F.interpolate(fmap, size=size, mode="bilinear", align_corners=False)
+        maps.append(fmap)
+    return torch.cat(maps, dim=1)
+
+
+def reduce_channels(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Adaptive average pooling over the channel axis: (N, C) -> (N, dim)."""
+    if dim >= x.shape[1]:
+        return x
+    return F.adaptive_avg_pool1d(x.unsqueeze(1), dim).squeeze(1)
+
+
+def random_projection(dim_in: int, dim_out: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A fixed Gaussian projection matrix (dim_in, dim_out), scaled to keep distances on average."""
+    gen = torch.Generator().manual_seed(seed)
+    proj = torch.randn(dim_in, dim_out, generator=gen) / math.sqrt(dim_out)
+    return proj.to(device)
+
+
+def greedy_coreset(
+    features: torch.Tensor, n: int, *, seed: int = 0, project_dim: int | None = 128, progress: bool = True
+) -> torch.Tensor:
+    """Greedy k-center selection (Gonzalez), on a random projection of the features.
+
+    Exact greedy farthest-point order, sped up with the triangle inequality: points are grouped by
+    their nearest selected center, and a group is re-examined only when the new center is closer than
+    twice the group's radius. Late iterations then touch only a few points.
+
+    Args:
+        features: (N, D) patch features (any float dtype; CPU or CUDA).
+        n: number of points to select.
+        seed: picks the first point and the projection.
+        project_dim: distances are measured after projecting to this many dimensions (None: exact).
+
+    Returns:
+        (n,) int64 indices into `features`, in selection order.
+    """
+    total = features.shape[0]
+    if n >= total:
+        return torch.arange(total)
+    if n < 1:
+        raise AnomapError(f"coreset size must be at least 1, got {n}")
+    x = _project(features, project_dim, seed)
+    first = int(torch.randint(total, (1,), generator=torch.Generator().manual_seed(seed)))
+    mind = _dist_to(x, x[first])
+    assign = torch.zeros(total, dtype=torch.long, device=x.device)
+    centers = torch.empty(n, x.shape[1], dtype=x.dtype, device=x.device)
+    radius = torch.zeros(n, dtype=x.dtype, device=x.device)
+    far = torch.zeros(n, dtype=torch.long, device=x.device)
+    chosen = torch.empty(n, dtype=torch.long, device=x.device)
+    chosen[0], centers[0], radius[0], far[0] = first, x[first], mind.max(), mind.argmax()
+    for i in tqdm(range(1, n), desc="coreset", disable=None if progress else True, initial=1, total=n):
+        j = int(radius[:i].argmax())
+        if radius[j] <= 0:  # every point coincides with a center: fill with unselected points
+            rest = torch.ones(total, dtype=torch.bool, device=x.device)
+            rest[chosen[:i]] = False
+            chosen[i:] = rest.nonzero().squeeze(1)[: n - i]
+            break
+        new = far[j]
+        chosen[i], centers[i] = new, x[new]
+        near = _dist_to(centers[:i], centers[i]) < 2 * radius[:i]  # (i,) groups that may lose points
+        members = near[assign].nonzero().squeeze(1)
+        d = _dist_to(x[members], centers[i])
+        moved = d < mind[members]
+        mind[members[moved]] = d[moved]
+        assign[members[moved]] = i
+        _update_groups(members, assign, mind, near, i, radius, far)
+    return chosen.cpu()
+
+
+def _update_groups(members, assign, mind, near, i, radius, far) -> None:
+    """Recompute radius and farthest member of the groups that were re-examined (and the new one)."""
+    radius[: near.shape[0]][near] = 0
+    radius[i] = 0
+    groups, dists = assign[members], mind[members]
+    radius.scatter_reduce_(0, groups, dists, reduce="amax")
+    hit = dists == radius[groups]
+    far[groups[hit]] = members[hit]
+
+
+def _project(features: torch.Tensor, project_dim: int | None, seed: int) -> torch.Tensor:
+    """(N, D) -> (N, min(D, project_dim)) float32, projected in blocks to bound memory."""
+    if project_dim is None or project_dim >= features.shape[1]:
+        return features.float()
+    proj = random_projection(features.shape[1], project_dim, seed, features.device)
+    rows = max(1, _BLOCK_ELEMENTS // features.shape[1])
+    return torch.cat([features[s : s + rows].float() @ proj for s in range(0, features.shape[0], rows)])
+
+
+def _dist_to(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances (N,) from rows of x (N, D) to one point c (D,)."""
+    return (x - c).pow_(2).sum(1).sqrt_()
+
+
+def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, exclude: torch.Tensor | None = None):
+    """k nearest bank entries of each query, by Euclidean distance, computed in bounded blocks.
+
+    Args:
+        queries: (M, D).
+        bank: (K, D), same device.
+        k: neighbours per query.
+        exclude: optional (K,) bool; True entries are never returned.
+
+    Returns:
+        distances (M, k) ascending, indices (M, k) int64.
+    """
+    bank_sq = bank.pow(2).sum(1)
+    rows = max(1, _BLOCK_ELEMENTS // max(1, bank.shape[0]))
+    dists, idxs = [], []
+    for s in range(0, queries.shape[0], rows):
+        q = queries[s : s + rows]
+        d2 = torch.addmm(bank_sq, q, bank.T, alpha=-2).add_(q.pow(2).sum(1, keepdim=True))
+        if exclude is not None:
+            d2[:, exclude] = float("inf")
+        val, idx = torch.topk(d2, k, dim=1, largest=False)
+        dists.append(val.clamp_(min=0).sqrt_())
+        idxs.append(idx)
+    return torch.cat(dists), torch.cat(idxs)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps, kernel radius 4 sigma, reflected borders."""
+    if sigma <= 0:
+        return maps
+    radius = int(4 * sigma + 0.5)
+    radius = min(radius, maps.shape[-1] - 1, maps.shape[-2] - 1)
+    t = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    x = F.pad(maps.unsqueeze(1), (radius, radius, radius, radius), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of (B, h, w) maps to (B, *size)."""
+    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)

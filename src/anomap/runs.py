@@ -1,0 +1,105 @@
+"""Whole jobs behind the `anomap` command: fit a category, predict a folder, evaluate, the demo.
+Each writes its outputs into one folder and returns what it measured."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+from ._io import write_text
+from .data import MVTecAD, Sample, list_images, load_image, load_masks
+from .detectors import Detector, Prediction, create
+from .errors import AnomapError
+from .pictures import save_heatmap, save_segmentation
+
+log = logging.getLogger(__name__)
+
+
+def fit_category(root: str | Path, category: str, method: str = "patchcore", **params) -> Detector:
+    """Fit a detector of `method` on `<root>/<category>/train/good`."""
+    data = MVTecAD(root, category)
+    return create(method, **params).fit(data.train)
+
+
+def evaluate(det: Detector, samples: Sequence[Sample]) -> tuple[dict, Prediction]:
+    """Predict `samples` and compute every metric at the detector's threshold.
+
+    Returns:
+        (metrics dict as in `anomap.metrics.evaluate`, the prediction).
+    """
+    pred = det.predict(samples)
+    labels = np.array([s.label for s in samples])
+    has_masks = any(s.mask_path is not None for s in samples)
+    masks = load_masks(samples, det.preprocess_) if has_masks else None
+    result = metrics.evaluate(labels, pred.scores, det.threshold_, masks=masks, maps=pred.maps if has_masks else None)
+    return result, pred
+
+
+def write_predictions(out: Path, paths: Sequence[Path], pred: Prediction, pictures: bool = True) -> Path:
+    """Write `scores.csv` (path, score, decision) and per image a heatmap overlay and a binary mask.
+
+    Picture names are `NNNN_<stem>_heatmap.png` / `NNNN_<stem>_mask.png`, NNNN the row number, so
+    images with the same name in different folders never collide. Returns the CSV path.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    labels = pred.labels
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "score", "decision"])
+    for i, path in enumerate(paths):
+        decision = "" if labels is None else ("anomalous" if labels[i] else "normal")
+        writer.writerow([str(path), f"{pred.scores[i]:.6g}", decision])
+    write_text(out / "scores.csv", buf.getvalue())
+    if pictures:
+        vmin, vmax = float(pred.maps.min()), float(pred.maps.max())
+        for i, path in enumerate(paths):
+            stem = f"{i:04d}_{Path(path).stem}"
+            image = load_image(path)
+            save_heatmap(out / f"{stem}_heatmap.png", image, pred.maps[i], vmin, vmax)
+            if pred.threshold is not None:
+                save_segmentation(out / f"{stem}_mask.png", pred.maps[i] >= pred.threshold, image.shape[:2])
+    return out / "scores.csv"
+
+
+def predict_paths(det: Detector, inputs: Sequence[str | Path], out: Path) -> tuple[Path, Prediction]:
+    """Score image files and folders; write the CSV and pictures into `out`."""
+    paths = list_images(inputs)
+    pred = det.predict(paths)
+    return write_predictions(out, paths, pred), pred
+
+
+def evaluate_to_folder(det: Detector, root: str | Path, category: str, out: Path | None) -> dict:
+    """Evaluate on `<root>/<category>/test`; with `out`, also write metrics.json, scores and pictures."""
+    if det.threshold_ is None:
+        raise AnomapError("the model has no threshold; fit it with anomap or calibrate it first")
+    data = MVTecAD(root, category)
+    result, pred = evaluate(det, data.test)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "metrics.json", json.dumps(result, indent=2))
+        write_predictions(out / "images", [s.path for s in data.test], pred)
+    return result
+
+
+def demo_root() -> Path:
+    """Folder of the bundled demo data (MVTec layout, category `hazelnut_toy`)."""
+    return Path(str(resources.files("anomap") / "demo_data"))
+
+
+def demo(out: Path, device: str = "auto") -> dict:
+    """Fit PatchCore with the offline efficientnet_lite0 backbone on the bundled data and evaluate it.
+
+    Writes `model.anomap`, `metrics.json` and pictures into `out`. Returns the metrics.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    det = fit_category(demo_root(), "hazelnut_toy", backbone="efficientnet_lite0", device=device)
+    det.save(out / "model.anomap")
+    return evaluate_to_folder(det, demo_root(), "hazelnut_toy", out)
