@@ -102,3 +102,20 @@ def test_random_projection_roughly_preserves_distances():
     ratio = torch.pdist(y) / torch.pdist(x)
     assert abs(ratio.mean().item() - 1) < 0.05
     assert np.percentile(ratio.numpy(), 99) < 1.4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_coreset_cuda_matches_cpu():
+    x = torch.randn(3000, 64, generator=torch.Generator().manual_seed(4))
+    cpu = greedy_coreset(x, 200, seed=1, project_dim=None, progress=False)
+    gpu = greedy_coreset(x.cuda(), 200, seed=1, project_dim=None, progress=False)
+    assert cpu.tolist() == gpu.tolist()
+
+
+def test_coreset_torch_kernel_matches_naive(monkeypatch):
+    import anomap.ops as ops
+
+    monkeypatch.setattr(ops, "_greedy_cpu", ops._greedy_torch)
+    x = torch.randn(800, 16, generator=torch.Generator().manual_seed(6))
+    got = ops.greedy_coreset(x, 60, seed=2, project_dim=None, progress=False)
+    assert got.tolist() == naive_greedy(x, 60, int(got[0]))

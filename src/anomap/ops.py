@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -58,18 +59,20 @@ def greedy_coreset(
 ) -> torch.Tensor:
     """Greedy k-center selection (Gonzalez), on a random projection of the features.
 
-    Exact greedy farthest-point order, sped up with the triangle inequality: points are grouped by
-    their nearest selected center, and a group is re-examined only when the new center is closer than
-    twice the group's radius. Late iterations then touch only a few points.
+    Each step adds the point farthest from all chosen ones. The exact greedy order is kept, but a
+    step only re-measures the points the new center can be closer to: by the triangle inequality,
+    point p can only gain when d(new, c_p) < 2 d(p, c_p), c_p being its nearest chosen center.
+    On CPU the loop runs compiled (numba); on CUDA as torch operations.
 
     Args:
         features: (N, D) patch features (any float dtype; CPU or CUDA).
         n: number of points to select.
         seed: picks the first point and the projection.
         project_dim: distances are measured after projecting to this many dimensions (None: exact).
+        progress: show a progress bar.
 
     Returns:
-        (n,) int64 indices into `features`, in selection order.
+        (n,) int64 indices into `features` (on CPU), in selection order, all distinct.
     """
     total = features.shape[0]
     if n >= total:
@@ -78,40 +81,63 @@ def greedy_coreset(
         raise AnomapError(f"coreset size must be at least 1, got {n}")
     x = _project(features, project_dim, seed)
     first = int(torch.randint(total, (1,), generator=torch.Generator().manual_seed(seed)))
-    mind = _dist_to(x, x[first])
-    assign = torch.zeros(total, dtype=torch.long, device=x.device)
-    centers = torch.empty(n, x.shape[1], dtype=x.dtype, device=x.device)
-    radius = torch.zeros(n, dtype=x.dtype, device=x.device)
-    far = torch.zeros(n, dtype=torch.long, device=x.device)
-    chosen = torch.empty(n, dtype=torch.long, device=x.device)
-    chosen[0], centers[0], radius[0], far[0] = first, x[first], mind.max(), mind.argmax()
-    for i in tqdm(range(1, n), desc="coreset", disable=None if progress else True, initial=1, total=n):
-        j = int(radius[:i].argmax())
-        if radius[j] <= 0:  # every point coincides with a center: fill with unselected points
-            rest = torch.ones(total, dtype=torch.bool, device=x.device)
-            rest[chosen[:i]] = False
-            chosen[i:] = rest.nonzero().squeeze(1)[: n - i]
+    bar = tqdm(total=n, desc="coreset", disable=None if progress else True)
+    step = _greedy_cpu if x.device.type == "cpu" else _greedy_torch
+    chosen, done = step(x, n, first, bar)
+    bar.close()
+    if done < n:  # every point coincides with a chosen one: fill with unchosen points in order
+        rest = torch.ones(total, dtype=torch.bool)
+        rest[chosen[:done]] = False
+        chosen[done:] = rest.nonzero().squeeze(1)[: n - done]
+    return chosen
+
+
+def _greedy_cpu(x: torch.Tensor, n: int, first: int, bar) -> tuple[torch.Tensor, int]:
+    """Greedy steps with the compiled kernel, in chunks so the progress bar moves."""
+    from ._kernels import greedy_steps
+
+    pts = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    xn = (pts * pts).sum(1)
+    mind = ((pts - pts[first]) ** 2).sum(1)
+    assign = np.zeros(len(pts), dtype=np.int64)
+    centers = np.empty((n, pts.shape[1]), dtype=np.float32)
+    cn, dc2 = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
+    chosen = np.empty(n, dtype=np.int64)
+    chosen[0], centers[0], cn[0] = first, pts[first], xn[first]
+    done = 1
+    bar.update(1)
+    while done < n:
+        stop = min(n, done + 512)
+        reached = greedy_steps(pts, xn, mind, assign, centers, cn, chosen, dc2, done, stop)
+        bar.update(reached - done)
+        done = reached
+        if reached < stop:
             break
-        new = far[j]
+    return torch.from_numpy(chosen), done
+
+
+def _greedy_torch(x: torch.Tensor, n: int, first: int, bar) -> tuple[torch.Tensor, int]:
+    """The same greedy steps as torch operations (for CUDA tensors)."""
+    xn = x.pow(2).sum(1)
+    mind = (x - x[first]).pow_(2).sum(1)
+    assign = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    centers = torch.empty(n, x.shape[1], dtype=x.dtype, device=x.device)
+    chosen = torch.empty(n, dtype=torch.long)
+    chosen[0], centers[0] = first, x[first]
+    bar.update(1)
+    for i in range(1, n):
+        new = int(mind.argmax())
+        if mind[new] <= 0:
+            return chosen, i
         chosen[i], centers[i] = new, x[new]
-        near = _dist_to(centers[:i], centers[i]) < 2 * radius[:i]  # (i,) groups that may lose points
-        members = near[assign].nonzero().squeeze(1)
-        d = _dist_to(x[members], centers[i])
-        moved = d < mind[members]
-        mind[members[moved]] = d[moved]
-        assign[members[moved]] = i
-        _update_groups(members, assign, mind, near, i, radius, far)
-    return chosen.cpu()
-
-
-def _update_groups(members, assign, mind, near, i, radius, far) -> None:
-    """Recompute radius and farthest member of the groups that were re-examined (and the new one)."""
-    radius[: near.shape[0]][near] = 0
-    radius[i] = 0
-    groups, dists = assign[members], mind[members]
-    radius.scatter_reduce_(0, groups, dists, reduce="amax")
-    hit = dists == radius[groups]
-    far[groups[hit]] = members[hit]
+        dc2 = (centers[:i] - x[new]).pow_(2).sum(1)
+        cand = (dc2[assign] < 4 * mind).nonzero().squeeze(1)
+        d = (xn.index_select(0, cand) + xn[new] - 2 * torch.mv(x.index_select(0, cand), x[new])).clamp_(min=0)
+        closer = d < mind[cand]
+        mind[cand[closer]] = d[closer]
+        assign[cand[closer]] = i
+        bar.update(1)
+    return chosen, n
 
 
 def _project(features: torch.Tensor, project_dim: int | None, seed: int) -> torch.Tensor:
@@ -121,11 +147,6 @@ def _project(features: torch.Tensor, project_dim: int | None, seed: int) -> torc
     proj = random_projection(features.shape[1], project_dim, seed, features.device)
     rows = max(1, _BLOCK_ELEMENTS // features.shape[1])
     return torch.cat([features[s : s + rows].float() @ proj for s in range(0, features.shape[0], rows)])
-
-
-def _dist_to(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances (N,) from rows of x (N, D) to one point c (D,)."""
-    return (x - c).pow_(2).sum(1).sqrt_()
 
 
 def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, exclude: torch.Tensor | None = None):

