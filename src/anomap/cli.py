@@ -88,8 +88,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _refuse_existing(out / "model.anomap", args.overwrite)
-    result = runs.demo(out, device=args.device or "auto")
-    print("anomap demo: PatchCore (efficientnet_lite0) on the bundled hazelnut_toy set")
+    result = runs.demo(out, device=args.device or "auto", root=args.data, category=args.category)
+    print(f"anomap demo: PatchCore (efficientnet_lite0) on {args.category}")
     _print_metrics(result)
     print(f"model, metrics and heatmaps in {out}")
     return 0
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="fit and evaluate PatchCore on the bundled demo data")
     demo.add_argument("--out", default="anomap-demo")
+    demo.add_argument("--data", default=str(runs.demo_root()), help="default: the bundled demo data")
+    demo.add_argument("--category", default="hazelnut_toy")
     demo.set_defaults(func=cmd_demo)
 
     for p in (fit, pred, ev, demo):

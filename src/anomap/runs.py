@@ -94,12 +94,14 @@ def demo_root() -> Path:
     return Path(str(resources.files("anomap") / "demo_data"))
 
 
-def demo(out: Path, device: str = "auto") -> dict:
-    """Fit PatchCore with the offline efficientnet_lite0 backbone on the bundled data and evaluate it.
+def demo(out: Path, device: str = "auto", root: str | Path | None = None, category: str = "hazelnut_toy") -> dict:
+    """Fit PatchCore with the offline efficientnet_lite0 backbone and evaluate it.
 
+    Uses the bundled data unless `root`/`category` name another MVTec-layout category.
     Writes `model.anomap`, `metrics.json` and pictures into `out`. Returns the metrics.
     """
+    root = demo_root() if root is None else root
     out.mkdir(parents=True, exist_ok=True)
-    det = fit_category(demo_root(), "hazelnut_toy", backbone="efficientnet_lite0", device=device)
+    det = fit_category(root, category, backbone="efficientnet_lite0", device=device)
     det.save(out / "model.anomap")
-    return evaluate_to_folder(det, demo_root(), "hazelnut_toy", out)
+    return evaluate_to_folder(det, root, category, out)

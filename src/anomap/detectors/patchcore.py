@@ -144,10 +144,10 @@ class PatchCore(Detector):
         return greedy_coreset(dev_flat, n, seed=self.seed, project_dim=self.project_dim).sort().values
 
     def _leave_out_scores(self, patches: torch.Tensor, source: torch.Tensor) -> np.ndarray:
-        """(N,) image scores of a seeded subset of training images, own patches excluded."""
+        """Image scores of a seeded subset of training images (in image order), own patches excluded."""
         gen = torch.Generator().manual_seed(self.seed)
         count = min(self.threshold_images, patches.shape[0])
-        chosen = torch.randperm(patches.shape[0], generator=gen)[:count].tolist()
+        chosen = torch.randperm(patches.shape[0], generator=gen)[:count].sort().values.tolist()
         scores = []
         for i in chosen:
             exclude = source == i

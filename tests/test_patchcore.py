@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+import torch
+
+from anomap import PatchCore
+from anomap.data import MVTecAD, load_masks
+from anomap.errors import AnomapError
+from anomap.metrics import image_auroc
+
+
+@pytest.fixture(scope="module")
+def toy(toy_root):
+    return MVTecAD(toy_root, "toy")
+
+
+@pytest.fixture(scope="module")
+def fitted(toy):
+    return PatchCore(backbone="efficientnet_lite0", image_size=128, device="cpu").fit(toy.train)
+
+
+def test_synthetic_defect_is_found_and_localized(fitted, toy):
+    pred = fitted.predict(toy.test)
+    labels = np.array([s.label for s in toy.test])
+    assert image_auroc(labels, pred.scores) == 1.0
+    masks = load_masks(toy.test, fitted.preprocess_)
+    for amap, mask, label in zip(pred.maps, masks, labels):
+        if label:
+            peak = np.unravel_index(amap.argmax(), amap.shape)
+            assert mask[peak], "the hottest pixel lies inside the defect"
+            assert amap[mask].mean() > 2 * amap[~mask].mean()
+
+
+def test_threshold_separates_toy_test(fitted, toy):
+    pred = fitted.predict(toy.test)
+    labels = np.array([s.label for s in toy.test])
+    assert (pred.labels == labels).all()
+
+
+def test_bank_size_follows_sampler(toy):
+    patches = len(toy.train) * 16 * 16  # 128 px input, stride-8 grid
+    sizes = {}
+    for sampler in ("coreset", "random", "none"):
+        det = PatchCore(backbone="efficientnet_lite0", image_size=128, device="cpu", sampler=sampler,
+                        coreset_ratio=0.05).fit(toy.train)
+        sizes[sampler] = det.memory_bank_.shape
+    assert sizes["coreset"] == sizes["random"] == (round(patches * 0.05), 40 + 112)
+    assert sizes["none"] == (patches, 152)
+
+
+def test_same_seed_same_bank_other_seed_other_bank(toy):
+    make = lambda seed: PatchCore(backbone="efficientnet_lite0", image_size=128, device="cpu",  # noqa: E731
+                                  coreset_ratio=0.05, seed=seed).fit(toy.train[:4])
+    a, b, c = make(1), make(1), make(2)
+    assert torch.equal(a.memory_bank_, b.memory_bank_)
+    assert not torch.equal(a.memory_bank_, c.memory_bank_)
+
+
+def test_leave_out_score_equals_score_without_that_image(toy):
+    train = toy.train[:4]
+    params = dict(backbone="efficientnet_lite0", image_size=128, device="cpu", sampler="none")
+    full = PatchCore(**params).fit(train)
+    others = PatchCore(**params).fit(train[1:])
+    expected = others.predict(train[:1]).scores[0]
+    # fit keeps patches in float16, so the two paths agree to float16 precision
+    assert full.train_scores_[0] == pytest.approx(expected, rel=1e-3)
+    assert full.threshold_ == pytest.approx(full.train_scores_.mean() + 3 * full.train_scores_.std(), rel=1e-6)
+
+
+def test_reweighting_scales_scores_by_a_weight_in_0_1(fitted, toy):
+    plain = fitted.predict(toy.test).scores
+    fitted.reweight = True
+    try:
+        weighted = fitted.predict(toy.test).scores
+    finally:
+        fitted.reweight = False
+    ratio = weighted / plain
+    assert ((ratio > 0) & (ratio <= 1)).all()
+    assert not np.allclose(ratio, ratio[0])
+
+
+def test_k_neighbours_average_raises_scores(fitted, toy):
+    one = fitted.predict(toy.test[:2]).scores
+    fitted.k = 3
+    try:
+        three = fitted.predict(toy.test[:2]).scores
+    finally:
+        fitted.k = 1
+    assert (three >= one).all()
+
+
+def test_target_dim_reduces_bank_width(toy):
+    det = PatchCore(backbone="efficientnet_lite0", image_size=128, device="cpu", target_dim=64,
+                    coreset_ratio=0.05).fit(toy.train[:3])
+    assert det.memory_bank_.shape[1] == 64
+    assert det.predict(toy.test[:1]).maps.shape == (1, 128, 128)
+
+
+@pytest.mark.parametrize("bad", [{"sampler": "kmeans"}, {"coreset_ratio": 0.0}, {"coreset_ratio": 1.5}])
+def test_bad_parameters_are_clear_errors(toy, bad):
+    with pytest.raises(AnomapError):
+        PatchCore(backbone="efficientnet_lite0", image_size=128, device="cpu", **bad).fit(toy.train[:2])
+
+
+def test_predict_before_fit_is_an_error(toy):
+    with pytest.raises(AnomapError, match="not fitted"):
+        PatchCore().predict(toy.test)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's message")
+def test_cuda_without_gpu_is_a_clear_error(toy):
+    with pytest.raises(AnomapError, match="no CUDA GPU"):
+        PatchCore(backbone="efficientnet_lite0", device="cuda").fit(toy.train[:2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(toy, fitted):
+    gpu = PatchCore(backbone="efficientnet_lite0", image_size=128, device="cuda").fit(toy.train)
+    a, b = fitted.predict(toy.test), gpu.predict(toy.test)
+    assert np.corrcoef(a.scores, b.scores)[0, 1] > 0.99
