@@ -117,3 +117,15 @@ def test_cuda_matches_cpu(toy, fitted):
     gpu = PatchCore(backbone="efficientnet_lite0", image_size=128, device="cuda").fit(toy.train)
     a, b = fitted.predict(toy.test), gpu.predict(toy.test)
     assert np.corrcoef(a.scores, b.scores)[0, 1] > 0.99
+
+
+def test_faiss_backend_gives_the_same_scores(fitted, toy):
+    pytest.importorskip("faiss")
+    plain = fitted.predict(toy.test)
+    fitted.nn_backend = "faiss"
+    try:
+        viaf = fitted.predict(toy.test)
+    finally:
+        fitted.nn_backend = "torch"
+    np.testing.assert_allclose(viaf.scores, plain.scores, rtol=1e-4)
+    np.testing.assert_allclose(viaf.maps, plain.maps, rtol=1e-3, atol=1e-4)

@@ -169,10 +169,28 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, exclude: torch.Te
         d2 = torch.addmm(bank_sq, q, bank.T, alpha=-2).add_(q.pow(2).sum(1, keepdim=True))
         if exclude is not None:
             d2[:, exclude] = float("inf")
-        val, idx = torch.topk(d2, k, dim=1, largest=False)
+        val, idx = d2.min(1, keepdim=True) if k == 1 else torch.topk(d2, k, dim=1, largest=False)
         dists.append(val.clamp_(min=0).sqrt_())
         idxs.append(idx)
     return torch.cat(dists), torch.cat(idxs)
+
+
+def faiss_index(bank: torch.Tensor):
+    """An exact L2 faiss index over (K, D) bank entries (faiss-cpu; the bank is copied to CPU)."""
+    try:
+        import faiss
+    except ImportError:
+        raise AnomapError("nn_backend='faiss' needs faiss: pip install 'anomap[faiss]'") from None
+    index = faiss.IndexFlatL2(bank.shape[1])
+    index.add(np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32))
+    return index
+
+
+def faiss_knn(index, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `knn`, through a faiss index: distances (M, k) ascending, indices (M, k) int64."""
+    d2, idx = index.search(np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32), k)
+    dist = torch.from_numpy(d2).clamp_(min=0).sqrt_()
+    return dist.to(queries.device), torch.from_numpy(idx).to(queries.device)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -21,14 +21,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..backbones import layer_info
 from ..errors import AnomapError
-from ..ops import align_concat, gaussian_blur, greedy_coreset, knn, reduce_channels, upsample
+from ..ops import align_concat, faiss_index, faiss_knn, gaussian_blur, greedy_coreset, knn, reduce_channels, upsample
 from .base import Detector, Prediction
 from .features import Encoder
 
 SAMPLERS = ("coreset", "random", "none")
+NN_BACKENDS = ("torch", "faiss")
 
 
 class PatchCore(Detector):
@@ -43,6 +45,8 @@ class PatchCore(Detector):
         coreset_ratio: fraction of patches kept by "coreset" and "random".
         project_dim: dimension of the random projection the coreset distances are measured on.
         k: nearest neighbours averaged into a patch score.
+        nn_backend: "torch" (exact, chunked, CPU or CUDA) or "faiss" (exact flat L2 index, CPU;
+            needs `pip install anomap[faiss]`). The leave-out threshold always uses torch.
         reweight: apply the paper's Eq. 7 reweighting to the image score.
         reweight_neighbors: bank neighbourhood size used by the reweighting.
         blur_sigma: Gaussian blur of the anomaly map, in pixels.
@@ -65,6 +69,7 @@ class PatchCore(Detector):
         coreset_ratio: float = 0.1,
         project_dim: int = 128,
         k: int = 1,
+        nn_backend: str = "torch",
         reweight: bool = False,
         reweight_neighbors: int = 9,
         blur_sigma: float = 4.0,
@@ -83,6 +88,7 @@ class PatchCore(Detector):
         self.coreset_ratio = coreset_ratio
         self.project_dim = project_dim
         self.k = k
+        self.nn_backend = nn_backend
         self.reweight = reweight
         self.reweight_neighbors = reweight_neighbors
         self.blur_sigma = blur_sigma
@@ -112,24 +118,37 @@ class PatchCore(Detector):
         """Build the memory bank from normal images (Samples, paths or arrays) and set the threshold."""
         if self.sampler not in SAMPLERS:
             raise AnomapError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
+        if self.nn_backend not in NN_BACKENDS:
+            raise AnomapError(f"unknown nn_backend {self.nn_backend!r}; use one of {', '.join(NN_BACKENDS)}")
         if not 0 < self.coreset_ratio <= 1:
             raise AnomapError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if len(images) < 1:
             raise AnomapError("fit needs at least one training image")
         self.encoder_ = self._encoder()
-        # Patches are kept in float16 while streaming: half the memory of the full feature set.
-        chunks = [self._embed(f).to("cpu", torch.float16) for f in self.encoder_.batches(images, "fit features")]
-        patches = torch.cat(chunks)  # (N, h, w, D)
+        patches = self._collect_patches(images)  # (N, h, w, D)
         self.grid_ = tuple(patches.shape[1:3])
         per_image = self.grid_[0] * self.grid_[1]
         flat = patches.reshape(-1, patches.shape[-1])
         keep = self._subsample(flat)
         self.memory_bank_ = flat[keep].to(self.encoder_.device, torch.float32)
+        self._index = None
         self.fitted_ = True
         source = keep.div(per_image, rounding_mode="floor").to(self.encoder_.device)
         self.train_scores_ = self._leave_out_scores(patches, source)
         self.set_threshold(float(self.train_scores_.mean() + 3 * self.train_scores_.std()))
         return self
+
+    def _collect_patches(self, images) -> torch.Tensor:
+        """Stream images through the backbone into one preallocated (N, h, w, D) float16 CPU tensor
+        (half the memory of float32, and no second copy from concatenating batches)."""
+        patches, start = None, 0
+        for feats in self.encoder_.batches(images, "fit features"):
+            emb = self._embed(feats)
+            if patches is None:
+                patches = torch.empty((len(images), *emb.shape[1:]), dtype=torch.float16)
+            patches[start : start + emb.shape[0]] = emb.to("cpu", torch.float16)
+            start += emb.shape[0]
+        return patches
 
     def _subsample(self, flat: torch.Tensor) -> torch.Tensor:
         """(N, D) candidate patches -> (n,) indices of the bank entries, sorted."""
@@ -149,7 +168,7 @@ class PatchCore(Detector):
         count = min(self.threshold_images, patches.shape[0])
         chosen = torch.randperm(patches.shape[0], generator=gen)[:count].sort().values.tolist()
         scores = []
-        for i in chosen:
+        for i in tqdm(chosen, desc="threshold", unit="img", disable=None):
             exclude = source == i
             if bool(exclude.all()):
                 raise AnomapError("the threshold needs at least two training images")
@@ -161,7 +180,10 @@ class PatchCore(Detector):
         """(B, P, D) patches -> image scores (B,), patch scores (B, P)."""
         b, p, d = q.shape
         k = min(self.k, self.memory_bank_.shape[0])
-        dist, idx = knn(q.reshape(-1, d), self.memory_bank_, k, exclude=exclude)
+        if self.nn_backend == "faiss" and exclude is None:
+            dist, idx = faiss_knn(self._faiss_index(), q.reshape(-1, d), k)
+        else:
+            dist, idx = knn(q.reshape(-1, d), self.memory_bank_, k, exclude=exclude)
         patch = dist.mean(1).reshape(b, p)
         top = patch.argmax(1)  # (B,) the most anomalous patch of each image
         image = patch.gather(1, top[:, None]).squeeze(1)
@@ -169,6 +191,12 @@ class PatchCore(Detector):
             nearest = idx[:, 0].reshape(b, p).gather(1, top[:, None]).squeeze(1)
             image = image * self._reweight(q[torch.arange(b), top], nearest)
         return image, patch
+
+    def _faiss_index(self):
+        """The faiss index of the memory bank, built on first use."""
+        if getattr(self, "_index", None) is None:
+            self._index = faiss_index(self.memory_bank_)
+        return self._index
 
     def _reweight(self, worst: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
         """Paper Eq. 7: (B, D) worst test patches, (B,) their nearest bank entries -> (B,) weights."""
@@ -206,6 +234,7 @@ class PatchCore(Detector):
             raise ValueError(f"memory bank of shape {tuple(bank.shape)}, expected (n, {dim})")
         self.encoder_ = self._encoder()
         self.memory_bank_ = bank.to(self.encoder_.device, torch.float32)
+        self._index = None
         self.train_scores_ = tensors["train_scores"].numpy()
         self.grid_ = tuple(state["grid"])
         self.fitted_ = True
