@@ -23,6 +23,7 @@ SETTINGS = {
     "coreset 0.1": {"sampler": "coreset", "coreset_ratio": 0.1},
     "coreset 0.01": {"sampler": "coreset", "coreset_ratio": 0.01},
     "random 0.1": {"sampler": "random", "coreset_ratio": 0.1},
+    "coreset 0.1 crop 224": {"sampler": "coreset", "coreset_ratio": 0.1, "crop": 224},
 }
 
 

@@ -124,9 +124,9 @@ def test_efficientnet_features_match_classifier_blocks(lite0_classifier):
         h = F.relu6(m._bn0(m._conv_stem(x)))
         for i, block in enumerate(m._blocks):
             h = block(h)
-            if i == 10:
-                torch.testing.assert_close(feats["layer3"], h)
-    torch.testing.assert_close(feats["layer4"], h)
+            if i == 10:  # BatchNorm is folded into the extractor's convs: float32 rounding differs
+                torch.testing.assert_close(feats["layer3"], h, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(feats["layer4"], h, atol=1e-4, rtol=1e-3)
 
 
 def _classify(model: torch.nn.Module, image) -> int:

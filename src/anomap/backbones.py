@@ -30,7 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from anomap.errors import BackboneError
+from ._fold import fold_batchnorm
+from .errors import BackboneError
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class _SameConv2d(nn.Conv2d):
                                         reversed(self.stride)):
             total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
             pads += [total // 2, total - total // 2]
+        if pads[0] == pads[1] and pads[2] == pads[3]:  # symmetric: let the convolution pad, no copy
+            return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]), self.dilation, self.groups)
         return super().forward(F.pad(x, pads))
 
 
@@ -320,7 +323,9 @@ def create_extractor(name: str, layers: Sequence[str] = ("layer2", "layer3"),
     """
     spec, layers = _spec(name), _check_layers(layers)
     deepest = max(LAYERS.index(layer) for layer in layers)
-    stages = spec.stages(_network(name, str(weights)))[: deepest + 2]  # stem, layer1 .. deepest
+    # BatchNorm folded into the convolutions: same outputs, one pass less over every activation
+    network = fold_batchnorm(_network(name, str(weights)).eval())
+    stages = spec.stages(network)[: deepest + 2]  # stem, layer1 .. deepest
     return FeatureExtractor(name, layers, stages, spec.mean, spec.std)
 
 

@@ -13,8 +13,9 @@ from tqdm.auto import tqdm
 
 from .errors import AnomapError
 
-# Largest distance matrix block computed at once, in elements (64 Mi floats = 256 MB).
-_BLOCK_ELEMENTS = 64 * 1024 * 1024
+# Largest block computed at once, in elements (4 Mi floats = 16 MB): small enough that a distance
+# block is reduced while still in cache, large enough for efficient matrix products.
+_BLOCK_ELEMENTS = 4 * 1024 * 1024
 
 
 def align_concat(features: dict[str, torch.Tensor], layers: Sequence[str], *, pool: int = 1) -> torch.Tensor:

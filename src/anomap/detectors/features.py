@@ -48,7 +48,10 @@ class Encoder:
     ) -> None:
         self.device = resolve_device(device)
         self.layers = tuple(layers)
-        self.extractor = create_extractor(backbone, self.layers, weights=weights).to(self.device)
+        # channels-last runs the convolutions (depthwise ones especially) faster on CPU and GPU
+        self.extractor = create_extractor(backbone, self.layers, weights=weights).to(
+            self.device, memory_format=torch.channels_last
+        )
         self.preprocess = Preprocess(
             size=image_size, crop=crop, mean=self.extractor.mean, std=self.extractor.std
         )
@@ -64,7 +67,7 @@ class Encoder:
         n = len(images)
         with torch.inference_mode(), tqdm(total=n, desc=desc, unit="img", disable=None) as bar:
             for batch in iter_batches(images, self.preprocess, batch_size=self.batch_size):
-                feats = self.extractor(batch.to(self.device, non_blocking=True))
+                feats = self.extractor(batch.to(self.device, memory_format=torch.channels_last, non_blocking=True))
                 for name, fmap in feats.items():
                     if not torch.isfinite(fmap).all():
                         raise ScoreError(f"the backbone produced non-finite {name} features; check its weights")
