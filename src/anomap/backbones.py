@@ -83,8 +83,8 @@ class _MBConv(nn.Module):
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
-        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = F.relu6(self._bn0(self._expand_conv(x)), inplace=True) if self.expand else x
+        h = F.relu6(self._bn1(self._depthwise_conv(h)), inplace=True)
         h = self._bn2(self._project_conv(h))
         return x + h if self.residual else h
 

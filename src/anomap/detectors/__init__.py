@@ -6,7 +6,13 @@ from typing import Any
 
 from ..errors import AnomapError
 from .base import REGISTRY, Detector, Prediction, load
+from .conv_ae import ConvAE
+from .dfr import DFR
+from .global_ae import GlobalAE
+from .global_knn import GlobalKNN
+from .padim import PaDiM
 from .patchcore import PatchCore
+from .psfe import PSFE
 
 
 def create(method: str, **params: Any) -> Detector:
@@ -24,4 +30,7 @@ def methods() -> list[str]:
     return sorted(REGISTRY)
 
 
-__all__ = ["Detector", "PatchCore", "Prediction", "create", "load", "methods"]
+__all__ = [
+    "ConvAE", "DFR", "Detector", "GlobalAE", "GlobalKNN", "PSFE", "PaDiM", "PatchCore", "Prediction",
+    "create", "load", "methods",
+]

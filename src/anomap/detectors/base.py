@@ -5,7 +5,8 @@ scores in `predict(images) -> Prediction` (higher = more anomalous). Learned sta
 
 Model file: one safetensors file. Tensors hold the learned state; its JSON metadata holds the
 format name and version, the method, the parameters, the non-tensor state and a SHA-256 of the
-tensor bytes. Loading parses JSON and raw tensors only, so it never executes code.
+tensors and of the other metadata, so a flipped bit anywhere is detected. Loading parses JSON and
+raw tensors only, so it never executes code.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,7 +29,7 @@ from .._io import atomic_path
 from ..errors import AnomapError, ModelFileError, ScoreError
 
 FORMAT = "anomap"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum also covers the metadata
 REGISTRY: dict[str, type[Detector]] = {}
 
 
@@ -82,6 +84,12 @@ class Detector:
             raise ScoreError(f"threshold must be finite, got {value}")
         self._threshold = float(value)
 
+    @property
+    def preprocess_(self):
+        """The preprocessing of the fitted model (`anomap.data.Preprocess`); detectors built on a
+        backbone have it from their `encoder_`."""
+        return self.encoder_.preprocess
+
     def fit(self, images) -> Detector:  # pragma: no cover - contract
         raise NotImplementedError
 
@@ -111,12 +119,32 @@ class Detector:
             "method": self.method,
             "params": json.dumps(self.get_params()),
             "state": json.dumps(state),
-            "sha256": _digest(tensors),
         }
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return path
+        return write_model_file(path, tensors, meta)
+
+
+def write_model_file(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+    """Write tensors and metadata (str -> str) atomically, adding the `sha256` checksum."""
+    path = Path(path)
+    meta = {**meta, "sha256": _digest(tensors, meta)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+        _sort_header(tmp)
+    return path
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite the safetensors header with sorted keys, so the same model gives the same bytes
+    (safetensors writes the metadata map in arbitrary order). Same length, rewritten in place."""
+    with open(path, "rb+") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(size)
+        header = json.dumps(json.loads(raw), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        header = header.encode().ljust(size)  # safetensors pads the header with spaces
+        if len(header) != size:  # pragma: no cover - only if the two JSON writers escaped differently
+            raise ModelFileError(f"{path}: cannot normalise the model file header")
+        fh.seek(8)
+        fh.write(header)
 
 
 def load(path: str | Path, *, device: str | None = None) -> Detector:
@@ -135,6 +163,11 @@ def load(path: str | Path, *, device: str | None = None) -> Detector:
         state = json.loads(meta["state"])
     except (KeyError, json.JSONDecodeError) as err:
         raise ModelFileError(f"{path}: damaged metadata ({err})") from None
+    if not isinstance(params, dict) or not isinstance(state, dict):
+        raise ModelFileError(f"{path}: damaged metadata (params and state must be JSON objects)")
+    threshold = state.get("threshold")
+    if threshold is not None and (not isinstance(threshold, (int, float)) or not np.isfinite(threshold)):
+        raise ModelFileError(f"{path}: damaged metadata (threshold {threshold!r} is not a finite number)")
     if device is not None:
         params["device"] = device
     try:
@@ -142,8 +175,8 @@ def load(path: str | Path, *, device: str | None = None) -> Detector:
         det._set_state(tensors, state)
     except (TypeError, KeyError, ValueError, RuntimeError) as err:
         raise ModelFileError(f"{path}: model contents do not match method {method!r} ({err})") from None
-    if state.get("threshold") is not None:
-        det.set_threshold(state["threshold"])
+    if threshold is not None:
+        det.set_threshold(threshold)
     return det
 
 
@@ -165,14 +198,18 @@ def read_model_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch.T
             f"{path}: model format version {meta.get('format_version')!r} is not supported by "
             f"anomap {__version__} (expects {FORMAT_VERSION}); refit the model with this version"
         )
-    if meta.get("sha256") != _digest(tensors):
+    if meta.get("sha256") != _digest(tensors, meta):
         raise ModelFileError(f"{path}: checksum mismatch, the file is damaged; refit or restore it")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelFileError(f"{path}: tensor {name!r} holds NaN or infinite values; refit the model")
     return meta, tensors
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over tensor names, dtypes, shapes and bytes, in name order."""
+def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """SHA-256 over the metadata except `sha256`, then tensor names, dtypes, shapes and bytes."""
     h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous().reshape(-1)
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

@@ -97,8 +97,12 @@ class ConvAE(Detector):
         self.batch_size = batch_size
         self.seed = seed
 
+    @property
+    def preprocess_(self) -> Preprocess:
+        """Pixels scaled to [-1, 1] (no backbone normalization)."""
+        return Preprocess(size=self.image_size, crop=self.crop, mean=(0.5,) * 3, std=(0.5,) * 3)
+
     def _setup(self) -> None:
-        self.preprocess_ = Preprocess(size=self.image_size, crop=self.crop, mean=(0.5,) * 3, std=(0.5,) * 3)
         side = self.preprocess_.output_size
         if side % STRIDE:
             raise AnomapError(f"conv_ae needs an input side that is a multiple of {STRIDE}, got {side}; "

@@ -100,11 +100,6 @@ class DFR(Detector):
         self.batch_size = batch_size
         self.seed = seed
 
-    def _encoder(self) -> Encoder:
-        return Encoder(
-            self.backbone, self.layers, self.weights, self.image_size, self.crop, self.device, self.batch_size
-        )
-
     def _channels(self) -> int:
         return sum(layer_info(self.backbone, self.layers)[0].values())
 
@@ -118,7 +113,7 @@ class DFR(Detector):
             raise AnomapError("fit needs at least one training image")
         if (self.latent is not None and self.latent < 1) or not 0 < self.variance <= 1:
             raise AnomapError(f"need latent >= 1 or None and variance in (0, 1]; got {self.latent}, {self.variance}")
-        self.encoder_ = self._encoder()
+        self.encoder_ = Encoder.for_detector(self)
         device = self.encoder_.device
         feats = cache_features(self.encoder_.batches(images, "fit features"), self._embed)  # (N, C, h, w)
         fit_idx, held_idx = holdout_split(len(feats), self.holdout, self.seed)
@@ -165,11 +160,6 @@ class DFR(Detector):
             maps.append(amap.cpu().numpy())
         return Prediction(np.concatenate(scores), np.concatenate(maps), self.threshold_)
 
-    @property
-    def preprocess_(self):
-        """The preprocessing of the fitted model (`anomap.data.Preprocess`)."""
-        return self.encoder_.preprocess
-
     def _get_state(self):
         tensors = {
             **module_tensors(self.net_),
@@ -181,7 +171,7 @@ class DFR(Detector):
 
     def _set_state(self, tensors, state) -> None:
         channels, latent = self._channels(), int(state["latent"])
-        self.encoder_ = self._encoder()
+        self.encoder_ = Encoder.for_detector(self)
         device = self.encoder_.device
         self.mean_ = check_shape("mean", tensors["mean"], (channels,)).to(device)
         self.std_ = check_shape("std", tensors["std"], (channels,)).to(device)

@@ -57,6 +57,12 @@ class Encoder:
         )
         self.batch_size = batch_size
 
+    @classmethod
+    def for_detector(cls, det) -> Encoder:
+        """The encoder described by a detector's backbone, layers, weights, image_size, crop,
+        device and batch_size parameters."""
+        return cls(det.backbone, det.layers, det.weights, det.image_size, det.crop, det.device, det.batch_size)
+
     @property
     def size(self) -> int:
         """Side of the square network input, which is also the side of the anomaly maps."""

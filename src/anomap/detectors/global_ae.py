@@ -78,11 +78,6 @@ class GlobalAE(Detector):
         self.batch_size = batch_size
         self.seed = seed
 
-    def _encoder(self) -> Encoder:
-        return Encoder(
-            self.backbone, self.layers, self.weights, self.image_size, self.crop, self.device, self.batch_size
-        )
-
     def _dim(self) -> int:
         return sum(layer_info(self.backbone, self.layers)[0].values())
 
@@ -94,7 +89,7 @@ class GlobalAE(Detector):
         """Train on normal images (Samples, paths or arrays) and set the threshold."""
         if len(images) < 2:
             raise AnomapError("global_ae needs at least two training images (feature standardisation)")
-        self.encoder_ = self._encoder()
+        self.encoder_ = Encoder.for_detector(self)
         vectors = cache_features(self.encoder_.batches(images, "fit features"), self._pool)  # (N, D)
         fit_idx, held_idx = holdout_split(len(vectors), self.holdout, self.seed)
         self.mean_, self.std_ = (s.to(self.encoder_.device) for s in channel_stats(vectors[fit_idx], [0]))
@@ -129,11 +124,6 @@ class GlobalAE(Detector):
         maps = np.broadcast_to(scores[:, None, None], (len(scores), size, size)).astype(np.float32)
         return Prediction(scores, maps, self.threshold_)
 
-    @property
-    def preprocess_(self):
-        """The preprocessing of the fitted model (`anomap.data.Preprocess`)."""
-        return self.encoder_.preprocess
-
     def _get_state(self):
         tensors = {
             **module_tensors(self.net_),
@@ -145,7 +135,7 @@ class GlobalAE(Detector):
 
     def _set_state(self, tensors, state) -> None:
         dim = self._dim()
-        self.encoder_ = self._encoder()
+        self.encoder_ = Encoder.for_detector(self)
         device = self.encoder_.device
         self.mean_ = check_shape("mean", tensors["mean"], (dim,)).to(device)
         self.std_ = check_shape("std", tensors["std"], (dim,)).to(device)

@@ -74,11 +74,6 @@ class GlobalKNN(Detector):
         self.batch_size = batch_size
         self.seed = seed
 
-    def _encoder(self) -> Encoder:
-        return Encoder(
-            self.backbone, self.layers, self.weights, self.image_size, self.crop, self.device, self.batch_size
-        )
-
     def fit(self, images) -> GlobalKNN:
         """Store the pooled vectors of normal images (Samples, paths or arrays); set the threshold."""
         if self.k < 1:
@@ -87,7 +82,7 @@ class GlobalKNN(Detector):
             raise AnomapError(
                 f"global_knn with k={self.k} needs at least {self.k + 1} training images, got {len(images)}"
             )
-        self.encoder_ = self._encoder()
+        self.encoder_ = Encoder.for_detector(self)
         batches = self.encoder_.batches(images, "fit features")
         self.bank_ = torch.cat([pooled(f, self.layers) for f in batches])
         self.train_scores_ = leave_one_out_knn(self.bank_, self.k).cpu().numpy()
@@ -107,11 +102,6 @@ class GlobalKNN(Detector):
         maps = np.broadcast_to(scores[:, None, None], (len(scores), size, size)).astype(np.float32)
         return Prediction(scores, maps, self.threshold_)
 
-    @property
-    def preprocess_(self):
-        """The preprocessing of the fitted model (`anomap.data.Preprocess`)."""
-        return self.encoder_.preprocess
-
     def _get_state(self):
         return {"bank": self.bank_, "train_scores": torch.from_numpy(self.train_scores_)}, {}
 
@@ -120,7 +110,7 @@ class GlobalKNN(Detector):
         dim = sum(layer_info(self.backbone, self.layers)[0].values())
         if bank.ndim != 2 or bank.shape[1] != dim or bank.shape[0] < self.k:
             raise ValueError(f"bank of shape {tuple(bank.shape)}, expected (n >= {self.k}, {dim})")
-        self.encoder_ = self._encoder()
+        self.encoder_ = Encoder.for_detector(self)
         self.bank_ = bank.to(self.encoder_.device, torch.float32)
         self.train_scores_ = tensors["train_scores"].numpy()
         self.fitted_ = True

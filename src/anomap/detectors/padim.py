@@ -136,11 +136,6 @@ class PaDiM(Detector):
         self.batch_size = batch_size
         self.seed = seed
 
-    def _encoder(self) -> Encoder:
-        return Encoder(
-            self.backbone, self.layers, self.weights, self.image_size, self.crop, self.device, self.batch_size
-        )
-
     def _channel_subset(self) -> torch.Tensor:
         """(d,) sorted indices of the kept channels among all concatenated ones."""
         channels, _ = layer_info(self.backbone, self.layers)
@@ -168,7 +163,7 @@ class PaDiM(Detector):
             raise AnomapError(f"PaDiM needs at least 3 training images for its threshold, got {n}")
         if self.eps <= 0:
             raise AnomapError(f"eps must be positive, got {self.eps}")
-        self.encoder_ = self._encoder()
+        self.encoder_ = Encoder.for_detector(self)
         self.channels_ = self._channel_subset().to(self.encoder_.device)
         sums = outer = None
         for feats in self.encoder_.batches(images, "fit features"):
@@ -208,11 +203,6 @@ class PaDiM(Detector):
             maps.append(amap.cpu())
         return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy(), self.threshold_)
 
-    @property
-    def preprocess_(self):
-        """The preprocessing of the fitted model (`anomap.data.Preprocess`)."""
-        return self.encoder_.preprocess
-
     def _get_state(self):
         tensors = {
             "mean": self.mean_,
@@ -231,7 +221,7 @@ class PaDiM(Detector):
                 f"mean {tuple(mean.shape)} and inv_cov {tuple(inv_cov.shape)}, "
                 f"expected ({p}, {d}) and ({p}, {d}, {d})"
             )
-        self.encoder_ = self._encoder()
+        self.encoder_ = Encoder.for_detector(self)
         self.channels_ = channels.to(self.encoder_.device)
         self.mean_ = mean.to(self.encoder_.device, torch.float32)
         self.inv_cov_ = inv_cov.to(self.encoder_.device, torch.float32)

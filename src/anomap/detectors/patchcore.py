@@ -97,11 +97,6 @@ class PatchCore(Detector):
         self.batch_size = batch_size
         self.seed = seed
 
-    def _encoder(self) -> Encoder:
-        return Encoder(
-            self.backbone, self.layers, self.weights, self.image_size, self.crop, self.device, self.batch_size
-        )
-
     def _embedding_dim(self) -> int:
         channels, _ = layer_info(self.backbone, self.layers)
         total = sum(channels.values())
@@ -124,7 +119,7 @@ class PatchCore(Detector):
             raise AnomapError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if len(images) < 1:
             raise AnomapError("fit needs at least one training image")
-        self.encoder_ = self._encoder()
+        self.encoder_ = Encoder.for_detector(self)
         patches = self._collect_patches(images)  # (N, h, w, D)
         self.grid_ = tuple(patches.shape[1:3])
         per_image = self.grid_[0] * self.grid_[1]
@@ -218,11 +213,6 @@ class PatchCore(Detector):
             maps.append(amap.cpu())
         return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy(), self.threshold_)
 
-    @property
-    def preprocess_(self):
-        """The preprocessing of the fitted model (`anomap.data.Preprocess`)."""
-        return self.encoder_.preprocess
-
     def _get_state(self):
         tensors = {"memory_bank": self.memory_bank_, "train_scores": torch.from_numpy(self.train_scores_)}
         return tensors, {"grid": list(self.grid_)}
@@ -232,7 +222,7 @@ class PatchCore(Detector):
         dim = self._embedding_dim()
         if bank.ndim != 2 or bank.shape[1] != dim or bank.shape[0] < 1:
             raise ValueError(f"memory bank of shape {tuple(bank.shape)}, expected (n, {dim})")
-        self.encoder_ = self._encoder()
+        self.encoder_ = Encoder.for_detector(self)
         self.memory_bank_ = bank.to(self.encoder_.device, torch.float32)
         self._index = None
         self.train_scores_ = tensors["train_scores"].numpy()

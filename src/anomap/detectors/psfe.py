@@ -164,11 +164,6 @@ class PSFE(Detector):
     def _step(self) -> int:
         return self.patch_size if self.stride is None else self.stride
 
-    def _encoder(self) -> Encoder:
-        return Encoder(
-            self.backbone, self.layers, self.weights, self.image_size, self.crop, self.device, self.batch_size
-        )
-
     def _statistics(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """Feature maps -> (B, len(stats), L) patch statistics."""
         x = standardize_channels(align_concat(feats, self.layers, pool=1))
@@ -192,7 +187,7 @@ class PSFE(Detector):
         n = len(images)
         if n < 2:
             raise AnomapError(f"PSFE needs at least 2 training images for its threshold, got {n}")
-        self.encoder_ = self._encoder()
+        self.encoder_ = Encoder.for_detector(self)
         # (N, K, L) statistics: a few floats per patch, so those of all training images are kept
         train = []
         for feats in self.encoder_.batches(images, "fit features"):
@@ -223,11 +218,6 @@ class PSFE(Detector):
             maps.append(amap.cpu())
         return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy(), self.threshold_)
 
-    @property
-    def preprocess_(self):
-        """The preprocessing of the fitted model (`anomap.data.Preprocess`)."""
-        return self.encoder_.preprocess
-
     def _get_state(self):
         tensors = {"train_scores": torch.from_numpy(self.train_scores_)}
         if self.reference == "train":
@@ -237,7 +227,7 @@ class PSFE(Detector):
     def _set_state(self, tensors, state) -> None:
         self._check_params()
         self.grid_ = tuple(state["grid"])
-        self.encoder_ = self._encoder()
+        self.encoder_ = Encoder.for_detector(self)
         if self.reference == "train":
             expected = (len(self.stats), self._n_patches())
             for name in ("stat_mean", "stat_std"):
