@@ -9,7 +9,10 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
-_FROM_DETECTORS = ("Detector", "PatchCore", "Prediction", "create", "load", "methods")
+_FROM_DETECTORS = (
+    "ConvAE", "DFR", "Detector", "GlobalAE", "GlobalKNN", "PSFE", "PaDiM", "PatchCore", "Prediction",
+    "create", "load", "methods",
+)
 __all__ = ["AnomapError", *_FROM_DETECTORS]
 
 

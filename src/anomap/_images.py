@@ -25,6 +25,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SUFFIXES_TEXT = "/".join(sorted(s[1:] for s in IMAGE_SUFFIXES))
 MIN_SIDE = 8  # pixels; smaller images carry no usable texture for patch features
+# Only these decoders run, whatever the file is named: fewer, well-tested parsers face untrusted
+# files (PIL's JPEG opener also covers multi-picture camera JPEGs).
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 
 # What PIL raises on damaged or unsupported content, besides its own error types.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error)
@@ -86,13 +89,13 @@ def _open(path: Path) -> Image.Image:
             raise DataError(f"{path}: the file is empty (0 bytes); replace or remove it")
         with _WARNINGS_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(path, formats=FORMATS)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
         raise DataError(
             f"{path}: the image is too large to decode safely ({err}); downscale it first"
         ) from err
     except Image.UnidentifiedImageError as err:
-        raise DataError(f"{path}: not an image PIL can read; remove it or convert it to PNG") from err
+        raise DataError(f"{path}: not a PNG, JPEG, BMP or TIFF image; remove it or convert it to PNG") from err
     except PermissionError as err:
         raise DataError(f"{path}: cannot be read (permission denied); check its permissions") from err
     except FileNotFoundError as err:

@@ -1,0 +1,90 @@
+"""The benchmark command end to end on two tiny categories, and its summary maths."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+from conftest import make_category
+
+from anomap.benchmark import COLUMNS, format_splits, format_table, summarize
+from anomap.cli import main
+
+FAST = ["--backbone", "efficientnet_lite0", "--image-size", "128", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("two")
+    make_category(root, "a", n_train=5, n_good=2, n_bad=3, seed=1)
+    make_category(root, "b", n_train=5, n_good=2, n_bad=3, seed=2)
+    out = tmp_path_factory.mktemp("bench") / "run"
+    args = ["benchmark", "--data", str(root), "--categories", "a,b", "--methods", "patchcore", *FAST,
+            "--shift", "--unified", "--out", str(out)]
+    assert main(args) == 0
+    return root, out, args
+
+
+def test_one_row_per_category_setting_with_every_metric(run):
+    _, out, _ = run
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {(r["category"], r["setting"]) for r in rows} == {
+        (c, s) for c in "ab" for s in ("clean", "shift", "shift_adapted", "unified")}
+    assert len(rows) == 8 and tuple(rows[0]) == COLUMNS
+    for r in rows:
+        for key in ("image_auroc", "image_auprc", "pixel_auroc", "aupro", "f1", "precision", "recall",
+                    "accuracy", "oracle_f1"):
+            assert 0.0 <= float(r[key]) <= 1.0, key
+        assert float(r["fit_seconds"]) > 0 and float(r["predict_ms_per_image"]) > 0
+        tn_fp, fn_tp = json.loads(r["confusion_matrix"])
+        assert sum(tn_fp) + sum(fn_tp) == int(r["n_test"])
+        assert r["method"] == "patchcore" and r["seed"] == "42" and r["threshold_method"] == "f1"
+    unified = [r for r in rows if r["setting"] == "unified"]
+    assert all(r["n_train"] == "8" for r in unified)  # 4 + 4 pooled train-clean images
+
+
+def test_shift_without_adaptation_keeps_the_clean_threshold(run):
+    _, out, _ = run
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    by = {(r["category"], r["setting"]): r for r in rows}
+    for cat in "ab":
+        assert by[cat, "shift"]["threshold"] == by[cat, "clean"]["threshold"]
+        assert by[cat, "shift_adapted"]["threshold"] != by[cat, "clean"]["threshold"]
+
+
+def test_outputs_splits_shifted_copy_and_summary(run):
+    root, out, _ = run
+    doc = json.loads((out / "results.json").read_text())
+    assert set(doc) == {"config", "splits", "rows", "summary"}
+    assert doc["splits"]["a/seed42"]["test"]["total"] == 2 + 2
+    assert format_splits(doc["splits"]).splitlines()[0] == "a/seed42: train 4+0, val 1+1, test 2+2"
+    assert (out / "splits" / "a_seed42.csv").is_file()
+    assert (out / "shifted" / "seed42" / "b" / "ground_truth" / "blob").is_dir()
+    macro = [e for e in doc["summary"] if e["category"] == "macro"]
+    assert {e["setting"] for e in macro} == {"clean", "shift", "shift_adapted", "unified"}
+    assert not list(out.rglob(".*.tmp"))
+
+
+def test_existing_results_are_not_replaced(run, capsys):
+    _, _, args = run
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_summary_mean_and_std_across_seeds():
+    rows = []
+    for seed, values in ((1, (0.8, 0.6)), (2, (1.0, 0.8))):
+        for cat, v in zip("xy", values):
+            rows.append({"setting": "clean", "method": "m", "category": cat, "seed": seed, "image_auroc": v,
+                         "pixel_auroc": None, "aupro": None, "f1": v, "oracle_f1": v, "fit_seconds": 1.0,
+                         "predict_ms_per_image": 2.0})
+    summary = {e["category"]: e for e in summarize(rows)}
+    assert summary["x"]["image_auroc"] == pytest.approx(0.9) and summary["x"]["image_auroc_std"] == pytest.approx(0.1)
+    # macro: per-seed means 0.7 and 0.9 -> 0.8 +- 0.1
+    assert summary["macro"]["image_auroc"] == pytest.approx(0.8)
+    assert summary["macro"]["image_auroc_std"] == pytest.approx(0.1)
+    assert summary["macro"]["pixel_auroc"] is None and not math.isnan(summary["macro"]["fit_seconds"])
+    table = format_table(summarize(rows))
+    assert "macro" in table and "0.800±0.100" in table and "n/a" in table
