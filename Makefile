@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/anomap demo --out runs/demo
+	$(BIN)/anomap demo --out runs/demo --overwrite
 
 clean:
 	rm -rf $(VENV) runs

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
+import re
+import zipfile
+from urllib.parse import unquote
 
 import pytest
 from conftest import make_category
 
+from anomap.bench_report import run_folder, write_benchmark_report
 from anomap.benchmark import COLUMNS, format_splits, format_table, summarize
 from anomap.cli import main
+from anomap.report import zip_path
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "128", "--device", "cpu"]
 
@@ -88,3 +94,60 @@ def test_summary_mean_and_std_across_seeds():
     assert summary["macro"]["pixel_auroc"] is None and not math.isnan(summary["macro"]["fit_seconds"])
     table = format_table(summarize(rows))
     assert "macro" in table and "0.800±0.100" in table and "n/a" in table
+
+
+def cells(table: str) -> list[list[str]]:
+    """The text of the td cells of every body row of an HTML table."""
+    body = table.split("<tbody>")[1]
+    return [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr[^>]*>(.*?)</tr>", body)]
+
+
+def test_report_links_every_row_to_its_run_report(run):
+    _, out, _ = run
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    page = (out / "report.html").read_text(encoding="utf-8")
+    links = [unquote(html.unescape(h)) for h in re.findall(r'<a class="run" href="([^"]+)"', page)]
+    assert links == [f"{run_folder(r)}/report.html" for r in rows]
+    for row, link in zip(rows, links):
+        run_page = (out / link).read_text(encoding="utf-8")
+        assert f"{row['category']} / patchcore / {row['setting']} / seed 42" in run_page
+        assert len(re.findall(r'<figure class="tile', run_page)) == row["n_test"]
+        assert json.loads((out / link).with_name("metrics.json").read_text())["f1"] == row["f1"]
+
+
+def test_report_table_matches_results_json(run):
+    _, out, _ = run
+    doc = json.loads((out / "results.json").read_text())
+    results = cells((out / "report.html").read_text(encoding="utf-8").split("<table")[1])
+    assert len(results) == len(doc["summary"]) == 4 * 3  # (a, b, macro) x 4 settings
+    for got, entry in zip(results, doc["summary"]):
+        assert got[:3] == [entry["setting"], entry["method"], entry["category"]]
+        assert got[3] == f"{entry['image_auroc']:.3f}" and got[6] == f"{entry['f1']:.3f}"
+        if entry["category"] == "macro":
+            per_row = [r["image_auroc"] for r in doc["rows"] if r["setting"] == entry["setting"]]
+            assert float(got[3]) == pytest.approx(sum(per_row) / 2, abs=5e-4)
+
+
+def test_report_command_rebuilds_the_benchmark_page_and_its_archive(run, capsys):
+    _, out, _ = run
+    before = (out / "report.html").read_text(encoding="utf-8")
+    (out / "report.html").unlink()
+    assert main(["report", str(out), "--zip"]) == 0
+    assert (out / "report.html").read_text(encoding="utf-8") == before
+    names = zipfile.ZipFile(zip_path(out)).namelist()
+    assert "run/report.html" in names and "run/runs/a/patchcore/unified/seed42/report.html" in names
+    assert "archive:" in capsys.readouterr().out
+
+
+def test_benchmark_page_escapes_names_and_marks_missing_runs(tmp_path):
+    evil = "<b>x</b>"
+    row = {"category": evil, "method": "m", "setting": "clean", "seed": 1, "image_auroc": 0.5, "pixel_auroc": None,
+           "aupro": None, "f1": 0.5, "oracle_f1": 0.5, "threshold": 1.0, "fit_seconds": 1.0,
+           "predict_ms_per_image": 2.0}
+    doc = {"config": {"data": f"/d/{evil}", "categories": [evil], "methods": ["m"], "seeds": [1]},
+           "splits": {f"{evil}/seed1": {"train": {"normal": 3, "anomalous": 0}}}, "rows": [row],
+           "summary": summarize([row])}
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    page = write_benchmark_report(tmp_path).read_text(encoding="utf-8")
+    assert evil not in page and page.count("&lt;b&gt;x&lt;/b&gt;") >= 4
+    assert 'class="run"' not in page and "no report" in page

@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_report import EVIL, evil_category
+from test_report import EVIL, evil_category, synthetic_run
 
 from anomap import runs
+from anomap.bench_report import run_folder, write_benchmark_report
+from anomap.benchmark import summarize
+from anomap.report import write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -87,3 +90,24 @@ def test_filters_hide_the_right_tiles(page, run_dir):
 def test_screenshot_is_not_blank(page):
     pixels = np.asarray(Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("L"), np.float32)
     assert pixels.var() > 100
+
+
+def test_benchmark_page_links_to_a_working_run_report(tmp_path, page):
+    row = {"category": EVIL, "method": "patchcore", "setting": "clean", "seed": 1, "image_auroc": 0.75,
+           "pixel_auroc": None, "aupro": None, "f1": 0.8, "oracle_f1": 0.8, "threshold": 0.6, "fit_seconds": 1.0,
+           "predict_ms_per_image": 2.0}
+    run = tmp_path / run_folder({**row, "category": "evil"})
+    run.parent.mkdir(parents=True)
+    write_report(synthetic_run(run))
+    doc = {"config": {"categories": [EVIL]}, "rows": [{**row, "category": "evil"}, row],
+           "summary": summarize([row])}
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    page.problems.clear()
+    page.goto(write_benchmark_report(tmp_path).as_uri())
+    # results, runs and configuration tables; shown as text, never as an element
+    assert page.locator("td", has_text=EVIL).count() == 3 and page.locator("td img").count() == 0
+    assert page.locator("a.run").count() == 1
+    page.click("a.run")
+    page.wait_for_load_state("load")
+    assert page.url == (run / "report.html").as_uri()
+    assert page.locator("#gallery .tile").count() == 4 and page.problems == []

@@ -13,8 +13,10 @@ settings, for one or more seeds.
 
 A seed fixes the split, the shift and the detector's own `seed` parameter (for methods that have
 one). Outputs in `<out>`: `results.csv`, `results.json` (configuration, split counts, one row per
-category x method x setting x seed, and the summary), `splits/<category>_seed<seed>.csv`. The
-results are rewritten after each row, so an interrupted run keeps what it measured.
+category x method x setting x seed, and the summary), `splits/<category>_seed<seed>.csv`,
+`report.html` (`anomap.bench_report`) and per row a run folder with its own report.html
+(`anomap.report`) under `runs/<category>/<method>/<setting>/seed<seed>/`. The results are
+rewritten after each row, so an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics, runs
+from . import metrics, report, runs
 from ._io import write_text
-from .data import MVTecAD, Sample
+from .bench_report import run_folder, write_benchmark_report
+from .data import MVTecAD, Sample, load_masks
 from .detectors import Detector, create, methods
 from .errors import AnomapError
 from .protocol import THRESHOLDS, Split, calibrate, split_category, write_split_csv
@@ -59,14 +62,19 @@ def _fit(method: str, params: dict, seed: int, train: Sequence[Sample]) -> tuple
     return det, time.perf_counter() - start
 
 
-def _measure(det: Detector, test: Sequence[Sample]) -> dict:
-    """Every metric on `test` at the detector's threshold, the oracle F1 and the prediction time."""
+def _measure(det: Detector, test: Sequence[Sample], folder: Path, title: str) -> dict:
+    """Every metric on `test` at the detector's threshold, the oracle F1 and the prediction time;
+    writes the run folder of `anomap.report` with its report.html into `folder`."""
     start = time.perf_counter()
     pred = det.predict(list(test))
     ms = 1000 * (time.perf_counter() - start) / len(test)
     result, _ = runs.evaluate(det, test, pred)
     labels = np.array([s.label for s in test])
     oracle = metrics.classification_report(labels, pred.scores, metrics.f1_optimal_threshold(labels, pred.scores))
+    write_text(folder / "metrics.json", json.dumps(result, indent=2))
+    masks = load_masks(test, det.preprocess_) if any(s.mask_path is not None for s in test) else None
+    report.save_run(folder, det, test, pred, masks, title)
+    report.write_report(folder)
     return {**result, "oracle_f1": oracle["f1"], "predict_ms_per_image": ms}
 
 
@@ -79,7 +87,9 @@ class _Run:
         self.splits: dict[str, dict] = {}
 
     def add(self, key: dict, det: Detector, fit_seconds: float, split: Split, test: Sequence[Sample]) -> dict:
-        row = {**key, "threshold_method": self.config["threshold"], **_measure(det, test),
+        title = f"{key['category']} / {key['method']} / {key['setting']} / seed {key['seed']}"
+        measured = _measure(det, test, self.out / run_folder(key), title)
+        row = {**key, "threshold_method": self.config["threshold"], **measured,
                "fit_seconds": fit_seconds, "n_train": len(split.train), "n_val": len(split.val), "n_test": len(test)}
         row = {name: row.get(name) for name in COLUMNS}
         self.rows.append(row)
@@ -97,6 +107,7 @@ class _Run:
         write_text(self.out / "results.csv", buf.getvalue())
         doc = {"config": self.config, "splits": self.splits, "rows": self.rows, "summary": summarize(self.rows)}
         write_text(self.out / "results.json", json.dumps(doc, indent=2))
+        write_benchmark_report(self.out)
 
 
 def _check(categories: Sequence[str], method_names: Sequence[str], seeds: Sequence[int], threshold: str) -> None:

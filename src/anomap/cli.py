@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__, benchmark, load, protocol, report, runs, shift
+from . import __version__, bench_report, benchmark, load, protocol, report, runs, shift
 from .detectors import methods
 from .errors import AnomapError
 
@@ -109,7 +109,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    path = report.write_report(args.run_dir)
+    if (args.run_dir / "results.json").is_file():
+        path = bench_report.write_benchmark_report(args.run_dir)
+    else:
+        path = report.write_report(args.run_dir)
     print(f"report: {path}")
     if args.zip:
         print(f"archive: {report.write_zip(args.run_dir)}")
@@ -164,7 +167,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         shift=args.shift, unified=args.unified, threshold=args.threshold, k=args.k)
     print("split sizes (normal+anomalous):\n" + benchmark.format_splits(result["splits"]) + "\n")
     print(benchmark.format_table(result["summary"]))
-    print(f"results in {out / 'results.csv'} and {out / 'results.json'}")
+    print(f"results in {out / 'results.csv'} and {out / 'results.json'}; report: {out / 'report.html'}")
     return 0
 
 
@@ -243,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     rep = sub.add_parser("report", help="rebuild DIR/report.html (and its plots) from a run folder's saved results")
-    rep.add_argument("run_dir", metavar="DIR", type=Path, help="folder written by `anomap evaluate --out DIR`")
+    rep.add_argument("run_dir", metavar="DIR", type=Path,
+                     help="folder written by `anomap evaluate --out DIR` or `anomap benchmark --out DIR`")
     rep.add_argument("--zip", action="store_true", help="also write DIR.zip with the whole run folder (replaced)")
     rep.set_defaults(func=cmd_report)
 

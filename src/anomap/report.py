@@ -117,6 +117,11 @@ def _records(predictions: dict, path: Path) -> list[dict]:
     return sorted(records, key=lambda r: -float(r["score"]))
 
 
+def asset(name: str) -> str:
+    """The text of `templates/<name>` (page templates and the shared report.css)."""
+    return resources.files("anomap").joinpath(f"templates/{name}").read_text(encoding="utf-8")
+
+
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
@@ -194,9 +199,9 @@ def write_report(run_dir: str | Path) -> Path:
     threshold = result.get("threshold", predictions.get("threshold"))
     summary = (f"{len(records)} test images ({int((labels == 0).sum())} normal, {int(labels.sum())} anomalous)"
                + ("" if threshold is None else f"; decision threshold {threshold:.4g}"))
-    page = Template(resources.files("anomap").joinpath("templates/report.html").read_text(encoding="utf-8"))
-    text = page.substitute(
-        title=_e(predictions.get("title") or run_dir.resolve().name), summary=_e(summary),
+    text = Template(asset("report.html")).substitute(
+        style=asset("report.css"), title=_e(predictions.get("title") or run_dir.resolve().name),
+        summary=_e(summary),
         metrics=_metrics_table(result), model=_model_table(_read_json(run_dir / "model.json", False)),
         plots=_plots_html(plots, run_dir), filters=_filters(records),
         tiles="\n".join(_tile(k + 1, rec) for k, rec in enumerate(records)))
