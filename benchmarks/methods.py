@@ -11,6 +11,7 @@ wall-clock on whatever else the machine is doing.
 
 import argparse
 import csv
+import inspect
 import io
 import json
 import shlex
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from anomap import create, methods
+from anomap.detectors import REGISTRY
 from anomap._io import write_text
 from anomap.data import MVTecAD, load_masks
 from anomap.metrics import evaluate
@@ -42,7 +44,9 @@ def variants(method: str) -> dict[str, dict]:
 
 def run(data: MVTecAD, method: str, params: dict, device: str) -> dict:
     """Fit on the train split, predict the test split; metrics and timings."""
-    det = create(method, **COMMON, **params, device=device)
+    accepted = inspect.signature(REGISTRY[method]).parameters
+    common = {k: v for k, v in COMMON.items() if k in accepted}  # conv_ae has no backbone
+    det = create(method, **common, **params, device=device)
     start = time.perf_counter()
     det.fit(data.train)
     fit_s = time.perf_counter() - start
@@ -79,7 +83,7 @@ def write_results(out: Path, rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="/work/shared/data", help="root of the MVTec-layout categories")
+    parser.add_argument("--data", default="../shared/data", help="root of the MVTec-layout categories")
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     parser.add_argument("--device", default="auto")

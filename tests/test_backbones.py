@@ -9,13 +9,13 @@ from safetensors.torch import save_file
 
 from anomap.backbones import (
     LAYERS,
-    _SameConv2d,
     backbone_names,
     create_extractor,
     efficientnet_lite0_classifier,
     layer_info,
 )
 from anomap.errors import BackboneError
+from anomap.lite0 import _SameConv2d
 
 
 @pytest.fixture(scope="module")

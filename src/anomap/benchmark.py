@@ -34,7 +34,7 @@ import numpy as np
 from . import metrics, report, runs
 from ._io import write_text
 from .bench_report import run_folder, write_benchmark_report
-from .data import MVTecAD, Sample, load_masks
+from .data import MVTecAD, Sample
 from .detectors import Detector, create, methods
 from .errors import AnomapError
 from .protocol import THRESHOLDS, Split, calibrate, split_category, write_split_csv
@@ -68,11 +68,10 @@ def _measure(det: Detector, test: Sequence[Sample], folder: Path, title: str) ->
     start = time.perf_counter()
     pred = det.predict(list(test))
     ms = 1000 * (time.perf_counter() - start) / len(test)
-    result, _ = runs.evaluate(det, test, pred)
+    result, _, masks = runs.evaluate(det, test, pred)
     labels = np.array([s.label for s in test])
     oracle = metrics.classification_report(labels, pred.scores, metrics.f1_optimal_threshold(labels, pred.scores))
     write_text(folder / "metrics.json", json.dumps(result, indent=2))
-    masks = load_masks(test, det.preprocess_) if any(s.mask_path is not None for s in test) else None
     report.save_run(folder, det, test, pred, masks, title)
     report.write_report(folder)
     return {**result, "oracle_f1": oracle["f1"], "predict_ms_per_image": ms}

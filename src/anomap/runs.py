@@ -29,19 +29,22 @@ def fit_category(root: str | Path, category: str, method: str = "patchcore", **p
     return create(method, **params).fit(data.train)
 
 
-def evaluate(det: Detector, samples: Sequence[Sample], pred: Prediction | None = None) -> tuple[dict, Prediction]:
+def evaluate(
+    det: Detector, samples: Sequence[Sample], pred: Prediction | None = None
+) -> tuple[dict, Prediction, np.ndarray | None]:
     """Predict `samples` (unless their prediction `pred` is given) and compute every metric at the
     detector's threshold.
 
     Returns:
-        (metrics dict as in `anomap.metrics.evaluate`, the prediction).
+        (metrics dict as in `anomap.metrics.evaluate`, the prediction, the (N, S, S) ground-truth
+        masks or None when no sample has a mask).
     """
     pred = det.predict(samples) if pred is None else pred
     labels = np.array([s.label for s in samples])
     has_masks = any(s.mask_path is not None for s in samples)
     masks = load_masks(samples, det.preprocess_) if has_masks else None
     result = metrics.evaluate(labels, pred.scores, det.threshold_, masks=masks, maps=pred.maps if has_masks else None)
-    return result, pred
+    return result, pred, masks
 
 
 def write_predictions(out: Path, paths: Sequence[Path], pred: Prediction, pictures: bool = True) -> Path:
@@ -139,12 +142,11 @@ def evaluate_to_folder(det: Detector, root: str | Path, category: str, out: Path
         raise AnomapError("the model has no threshold; fit it with anomap or calibrate it first")
     data = MVTecAD(root, category)
     _require_both_classes(data.test, Path(root) / category / "test")
-    result, pred = evaluate(det, data.test)
+    result, pred, masks = evaluate(det, data.test)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "metrics.json", json.dumps(result, indent=2))
         write_predictions(out / "images", [s.path for s in data.test], pred)
-        masks = load_masks(data.test, det.preprocess_) if data.has_masks else None
         report.save_run(out, det, data.test, pred, masks, title=category)
         report.write_report(out)
     return result
