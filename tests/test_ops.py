@@ -119,3 +119,13 @@ def test_coreset_torch_kernel_matches_naive(monkeypatch):
     x = torch.randn(800, 16, generator=torch.Generator().manual_seed(6))
     got = ops.greedy_coreset(x, 60, seed=2, project_dim=None, progress=False)
     assert got.tolist() == naive_greedy(x, 60, int(got[0]))
+
+
+def test_coreset_torch_kernel_handles_duplicate_points(monkeypatch):
+    import anomap.ops as ops
+
+    monkeypatch.setattr(ops, "_greedy_cpu", ops._greedy_torch)
+    x = torch.zeros(50, 4)
+    x[:3] = torch.eye(4)[:3]
+    got = ops.greedy_coreset(x, 10, seed=0, project_dim=None, progress=False)
+    assert len(set(got.tolist())) == 10
