@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 
 from ..data import Preprocess, iter_batches
 from ..errors import AnomapError
+from ..metrics import sigma_threshold
 from ..ops import gaussian_blur
 from .base import Detector, Prediction
 from .features import resolve_device
-from .training import (holdout_split, load_module_tensors, mean_plus_3_sigma, module_tensors,
+from .training import (holdout_split, load_module_tensors, module_tensors,
                        seeded_module, train_autoencoder)
 
 STRIDE = 16  # total downsampling of the encoder
@@ -134,7 +135,7 @@ class ConvAE(Detector):
         normal = pixels[held_idx] if len(held_idx) else pixels[fit_idx]
         scores = [self._score(chunk)[0].cpu() for chunk in normal.split(self.batch_size)]
         self.threshold_scores_ = torch.cat(scores).numpy()
-        self.set_threshold(mean_plus_3_sigma(self.threshold_scores_))
+        self.set_threshold(sigma_threshold(self.threshold_scores_))
         return self
 
     def _score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,11 +21,12 @@ from torch import nn
 
 from ..backbones import layer_info
 from ..errors import AnomapError
+from ..metrics import sigma_threshold
 from ..ops import align_concat, gaussian_blur, upsample
 from .base import Detector, Prediction
 from .features import Encoder
 from .training import (cache_features, channel_stats, check_shape, holdout_split, load_module_tensors,
-                       mean_plus_3_sigma, module_tensors, seeded_module, train_autoencoder)
+                       module_tensors, seeded_module, train_autoencoder)
 
 
 def _network(channels: int, latent: int) -> nn.Module:
@@ -128,7 +129,7 @@ class DFR(Detector):
         normal = feats[held_idx] if len(held_idx) else feats[fit_idx]
         scores = [self._score(chunk.to(device))[0].cpu() for chunk in normal.split(self.batch_size)]
         self.threshold_scores_ = torch.cat(scores).numpy()
-        self.set_threshold(mean_plus_3_sigma(self.threshold_scores_))
+        self.set_threshold(sigma_threshold(self.threshold_scores_))
         return self
 
     def _pca_latent(self, feats: torch.Tensor) -> int:

@@ -18,10 +18,11 @@ from torch import nn
 
 from ..backbones import layer_info
 from ..errors import AnomapError
+from ..metrics import sigma_threshold
 from .base import Detector, Prediction
 from .features import Encoder
 from .training import (cache_features, channel_stats, check_shape, holdout_split, load_module_tensors,
-                       mean_plus_3_sigma, module_tensors, seeded_module, train_autoencoder)
+                       module_tensors, seeded_module, train_autoencoder)
 
 
 def _network(dim: int, hidden: int) -> nn.Module:
@@ -103,7 +104,7 @@ class GlobalAE(Detector):
         normal = vectors[held_idx] if len(held_idx) else vectors[fit_idx]
         with torch.inference_mode():
             self.threshold_scores_ = self._score(normal.to(self.encoder_.device)).cpu().numpy()
-        self.set_threshold(mean_plus_3_sigma(self.threshold_scores_))
+        self.set_threshold(sigma_threshold(self.threshold_scores_))
         return self
 
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 
 from ..backbones import layer_info
 from ..errors import AnomapError
+from ..metrics import sigma_threshold
 from ..ops import knn
 from .base import Detector, Prediction
 from .features import Encoder
@@ -86,7 +87,7 @@ class GlobalKNN(Detector):
         batches = self.encoder_.batches(images, "fit features")
         self.bank_ = torch.cat([pooled(f, self.layers) for f in batches])
         self.train_scores_ = leave_one_out_knn(self.bank_, self.k).cpu().numpy()
-        self.set_threshold(float(self.train_scores_.mean() + 3 * self.train_scores_.std()))
+        self.set_threshold(sigma_threshold(self.train_scores_))
         self.fitted_ = True
         return self
 

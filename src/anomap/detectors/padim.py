@@ -26,6 +26,7 @@ import torch
 
 from ..backbones import layer_info
 from ..errors import AnomapError
+from ..metrics import sigma_threshold
 from ..ops import align_concat, gaussian_blur, upsample
 from .base import Detector, Prediction
 from .features import Encoder
@@ -179,7 +180,7 @@ class PaDiM(Detector):
         del sums, outer
         self.fitted_ = True
         self.train_scores_ = self._leave_out_scores(images, mean, inv_downdate)
-        self.set_threshold(float(self.train_scores_.mean() + 3 * self.train_scores_.std()))
+        self.set_threshold(sigma_threshold(self.train_scores_))
         return self
 
     def _leave_out_scores(self, images, mean: torch.Tensor, inv_downdate: torch.Tensor) -> np.ndarray:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..backbones import layer_info
 from ..errors import AnomapError
+from ..metrics import sigma_threshold
 from ..ops import align_concat, faiss_index, faiss_knn, gaussian_blur, greedy_coreset, knn, reduce_channels, upsample
 from .base import Detector, Prediction
 from .features import Encoder
@@ -130,7 +131,7 @@ class PatchCore(Detector):
         self.fitted_ = True
         source = keep.div(per_image, rounding_mode="floor").to(self.encoder_.device)
         self.train_scores_ = self._leave_out_scores(patches, source)
-        self.set_threshold(float(self.train_scores_.mean() + 3 * self.train_scores_.std()))
+        self.set_threshold(sigma_threshold(self.train_scores_))
         return self
 
     def _collect_patches(self, images) -> torch.Tensor:

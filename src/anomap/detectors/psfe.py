@@ -31,11 +31,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import AnomapError
+from ..metrics import sigma_threshold
 from ..ops import align_concat, gaussian_blur, upsample
 from .base import Detector, Prediction
 from .features import Encoder
@@ -205,7 +205,7 @@ class PSFE(Detector):
         self.fitted_ = True
         z = z.float().split(self.batch_size)
         self.train_scores_ = torch.cat([self._maps(b).amax((1, 2)) for b in z]).cpu().numpy()
-        self.set_threshold(float(self.train_scores_.mean() + 3 * self.train_scores_.std()))
+        self.set_threshold(sigma_threshold(self.train_scores_))
         return self
 
     def predict(self, images) -> Prediction:

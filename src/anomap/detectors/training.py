@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,11 +89,6 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
         return torch.arange(n), torch.arange(0)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[held:].sort().values, order[:held].sort().values
-
-
-def mean_plus_3_sigma(scores: np.ndarray) -> float:
-    """The default threshold: mean + 3 standard deviations of normal image scores."""
-    return float(scores.mean() + 3 * scores.std())
 
 
 def cache_features(batches, embed: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
