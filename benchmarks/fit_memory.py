@@ -1,10 +1,12 @@
 """Fit PatchCore on many synthetic images and report time and peak memory.
 
-Shows that fitting streams: host memory holds the float16 patch features (N x h x w x D x 2 bytes),
-the 128-d projection used by the coreset and the bank, never a float32 copy of everything.
+Shows that fitting streams: memory holds one block of at most `--coreset-chunk` float16 patch
+features, its 128-d projection for the coreset, the bank built so far and the patches of the
+threshold images, never the features of every image.
 
     python benchmarks/fit_memory.py --images 1000 --backbone wide_resnet50_2 --weights random \
         --device cpu --coreset-ratio 0.1
+    python benchmarks/fit_memory.py --images 5000 --device cpu      # the large-set figure
 
 Random weights are enough: memory and time do not depend on the weight values.
 """
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from anomap import PatchCore
@@ -44,6 +47,17 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
+def timed(phases: dict, name: str, fn):
+    """Wrap `fn` so that its run time accumulates in phases[name]."""
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+    return wrapper
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
@@ -53,6 +67,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--sampler", default="coreset")
+    parser.add_argument("--coreset-chunk", type=int, default=250_000, help="patches per coreset block")
+    parser.add_argument("--threshold-images", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "anomap-synthetic"))
     args = parser.parse_args()
@@ -61,21 +77,26 @@ def main() -> None:
     base_rss = peak_rss_gb()
     det = PatchCore(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
                     coreset_ratio=args.coreset_ratio, sampler=args.sampler, device=args.device,
+                    coreset_chunk=args.coreset_chunk, threshold_images=args.threshold_images,
                     batch_size=args.batch_size)
+    phases: dict[str, float] = {}
+    det._subsample = timed(phases, "sampler_s", det._subsample)
+    det._leave_out_scores = timed(phases, "threshold_s", det._leave_out_scores)
     start = time.perf_counter()
     det.fit(paths)
     seconds = time.perf_counter() - start
     result = {
         "command": " ".join(sys.argv),
         "images": args.images,
+        "threads": torch.get_num_threads(),
         "fit_seconds": round(seconds, 1),
+        **{k: round(v, 1) for k, v in phases.items()},
+        "features_s": round(seconds - sum(phases.values()), 1),
         "bank": list(det.memory_bank_.shape),
         "peak_rss_gb": round(peak_rss_gb(), 2),
         "rss_before_fit_gb": round(base_rss, 2),
     }
     if det.encoder_.device.type == "cuda":
-        import torch
-
         result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     print(json.dumps(result, indent=2))
 

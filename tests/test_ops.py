@@ -1,8 +1,14 @@
+import importlib.util
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from anomap.ops import align_concat, gaussian_blur, greedy_coreset, knn, random_projection, reduce_channels
+from anomap.ops import (PRECISIONS, align_concat, gaussian_blur, greedy_coreset, half_bank, half_dtype, knn,
+                        knn_half, random_projection, reduce_channels)
 
 
 def naive_greedy(x: torch.Tensor, n: int, first: int) -> list[int]:
@@ -107,8 +113,9 @@ def test_random_projection_roughly_preserves_distances():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_coreset_cuda_matches_cpu():
     x = torch.randn(3000, 64, generator=torch.Generator().manual_seed(4))
-    cpu = greedy_coreset(x, 200, seed=1, project_dim=None, progress=False)
-    gpu = greedy_coreset(x.cuda(), 200, seed=1, project_dim=None, progress=False)
+    # 600 steps: more than two captured CUDA graphs' worth, plus eager remainder steps
+    cpu = greedy_coreset(x, 600, seed=1, project_dim=None, progress=False)
+    gpu = greedy_coreset(x.cuda(), 600, seed=1, project_dim=None, progress=False)
     assert cpu.tolist() == gpu.tolist()
 
 
@@ -129,3 +136,36 @@ def test_coreset_torch_kernel_handles_duplicate_points(monkeypatch):
     x[:3] = torch.eye(4)[:3]
     got = ops.greedy_coreset(x, 10, seed=0, project_dim=None, progress=False)
     assert len(set(got.tolist())) == 10
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_half_precision_search_is_close_to_exact_even_for_large_features(dtype, tol):
+    gen = torch.Generator().manual_seed(7)
+    bank = 1000 + 300 * torch.rand(500, 256, generator=gen)  # norms ~ 1.8e4: |x|^2 overflows float16
+    queries = 1000 + 300 * torch.rand(300, 256, generator=gen)
+    exact = knn(queries, bank, 2)[0]
+    approx = knn_half(queries, half_bank(bank, dtype), 2)
+    radius = (bank - bank.mean(0)).norm(dim=1).max()
+    assert torch.isfinite(approx).all()
+    assert ((approx - exact).abs() / radius).max() < tol
+
+
+def test_half_dtype_names():
+    assert [half_dtype(p) for p in PRECISIONS] == [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_coreset_triton_kernels_match_naive_in_the_interpreter():
+    """The CUDA kernels, run by Triton's CPU interpreter (a subprocess: the mode is read at import)."""
+    code = (
+        "import torch, anomap.ops as ops\n"
+        "class Bar:\n    def update(self, k): pass\n"
+        "x = torch.randn(300, 20, generator=torch.Generator().manual_seed(3))\n"
+        "got, done = ops._greedy_torch(x, 40, 7, Bar(), use_triton=True)\n"
+        "print(done, *got.tolist())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=300, check=True).stdout.split()
+    x = torch.randn(300, 20, generator=torch.Generator().manual_seed(3))
+    assert int(out[0]) == 40
+    assert [int(v) for v in out[1:]] == naive_greedy(x, 40, 7)

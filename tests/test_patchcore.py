@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from anomap import PatchCore
-from anomap.data import MVTecAD, load_masks
+from anomap.data import MVTecAD, load_image, load_masks
 from anomap.errors import AnomapError
 from anomap.metrics import image_auroc
 
@@ -95,7 +95,8 @@ def test_target_dim_reduces_bank_width(toy):
     assert det.predict(toy.test[:1]).maps.shape == (1, 128, 128)
 
 
-@pytest.mark.parametrize("bad", [{"sampler": "kmeans"}, {"coreset_ratio": 0.0}, {"coreset_ratio": 1.5}])
+@pytest.mark.parametrize("bad", [{"sampler": "kmeans"}, {"coreset_ratio": 0.0}, {"coreset_ratio": 1.5},
+                                 {"coreset_chunk": 0}, {"precision": "fp8"}])
 def test_bad_parameters_are_clear_errors(toy, bad):
     with pytest.raises(AnomapError):
         PatchCore(backbone="efficientnet_lite0", image_size=128, device="cpu", **bad).fit(toy.train[:2])
@@ -129,3 +130,45 @@ def test_faiss_backend_gives_the_same_scores(fitted, toy):
         fitted.nn_backend = "torch"
     np.testing.assert_allclose(viaf.scores, plain.scores, rtol=1e-4)
     np.testing.assert_allclose(viaf.maps, plain.maps, rtol=1e-3, atol=1e-4)
+
+
+def test_chunked_bank_is_the_union_of_per_block_coresets(toy):
+    per_image = 16 * 16
+    params = dict(backbone="efficientnet_lite0", image_size=128, device="cpu", coreset_ratio=0.1, batch_size=3)
+    chunked = PatchCore(**params, coreset_chunk=2 * per_image).fit(toy.train[:6])  # blocks of 2 images
+    blocks = [PatchCore(**params, coreset_chunk=None).fit(toy.train[i:j]) for i, j in ((0, 2), (2, 4), (4, 6))]
+    assert torch.equal(chunked.memory_bank_, torch.cat([b.memory_bank_ for b in blocks]))
+    whole = PatchCore(**params, coreset_chunk=None).fit(toy.train[:6])
+    assert abs(len(chunked.memory_bank_) - len(whole.memory_bank_)) <= 3  # rounding per block
+    assert not torch.equal(chunked.memory_bank_, whole.memory_bank_)
+
+
+def test_leave_out_threshold_with_chunks_excludes_the_image_itself(toy):
+    train = toy.train[:5]
+    params = dict(backbone="efficientnet_lite0", image_size=128, device="cpu", sampler="none", batch_size=2)
+    full = PatchCore(**params, coreset_chunk=3 * 256).fit(train)
+    others = PatchCore(**params).fit(train[:2] + train[3:])
+    assert full.train_scores_[2] == pytest.approx(others.predict(train[2:3]).scores[0], rel=1e-3)
+
+
+def test_score_batch_matches_predict(fitted, toy):
+    pred = fitted.predict(toy.test)
+    batch = torch.stack([fitted.preprocess_.image(load_image(s.path)) for s in toy.test])
+    scores, maps = fitted.score_batch(batch)
+    np.testing.assert_allclose(scores.numpy(), pred.scores, rtol=1e-5)
+    np.testing.assert_allclose(maps.numpy(), pred.maps, rtol=1e-4, atol=1e-5)
+
+
+def test_half_precision_keeps_image_scores_and_maps_close(fitted, toy):
+    plain = fitted.predict(toy.test)
+    fitted.precision = fitted.encoder_.precision = "bf16"  # autocast works on CPU in bfloat16
+    fitted._half_bank = None
+    try:
+        half = fitted.predict(toy.test)
+    finally:
+        fitted.precision = fitted.encoder_.precision = "fp32"
+    labels = np.array([s.label for s in toy.test])
+    assert image_auroc(labels, half.scores) == 1.0
+    np.testing.assert_allclose(half.scores, plain.scores, rtol=0.05)
+    assert np.corrcoef(half.maps.ravel(), plain.maps.ravel())[0, 1] > 0.99
+    assert not np.array_equal(half.scores, plain.scores)  # the half path did run

@@ -216,9 +216,13 @@ def _tensor_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Ten
         yield images[start:start + batch_size]
 
 
+# decoding threads: two on small machines, up to eight where there are cores to feed a GPU
+_DECODE_THREADS = min(8, max(2, (os.cpu_count() or 2) // 2))
+
+
 def _prefetched_batches(items: Sequence, preprocess: Preprocess, batch_size: int) -> Iterator[torch.Tensor]:
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="anomap-data")
+    pool = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="anomap-data")
     try:
         def submit(k: int) -> list[Future]:
             return [pool.submit(_prepared, x, preprocess) for x in chunks[k]] if k < len(chunks) else []
@@ -243,7 +247,7 @@ def iter_batches(images: Sequence[Sample | str | Path | np.ndarray] | torch.Tens
         batch_size: images per batch.
 
     Yields:
-        (B, 3, S, S) float32 tensors. Files are decoded by two threads, one batch ahead.
+        (B, 3, S, S) float32 tensors. Files are decoded by 2-8 threads (half the cores), one batch ahead.
 
     Raises:
         DataError: an image file cannot be used (raised when its batch is reached).

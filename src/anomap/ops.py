@@ -3,8 +3,10 @@ neighbours, blur. Everything works on CPU and CUDA tensors alike."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -16,6 +18,21 @@ from .errors import AnomapError
 # Largest block computed at once, in elements (4 Mi floats = 16 MB): small enough that a distance
 # block is reduced while still in cache, large enough for efficient matrix products.
 _BLOCK_ELEMENTS = 4 * 1024 * 1024
+# On a GPU larger blocks keep the matrix products big enough to fill the device (256 MB in fp16).
+_GPU_BLOCK_ELEMENTS = 128 * 1024 * 1024
+PRECISIONS = ("fp32", "fp16", "bf16")
+_GRAPH_STEPS = 128  # greedy coreset steps per captured CUDA graph
+
+
+def half_dtype(precision: str) -> torch.dtype:
+    """"fp16" -> torch.float16, "bf16" -> torch.bfloat16; "fp32" -> torch.float32."""
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def _block_rows(columns: int, device: torch.device) -> int:
+    """Rows of a (rows, columns) block that fit the device's block budget."""
+    budget = _GPU_BLOCK_ELEMENTS if device.type == "cuda" else _BLOCK_ELEMENTS
+    return max(1, budget // max(1, columns))
 
 
 def align_concat(features: dict[str, torch.Tensor], layers: Sequence[str], *, pool: int = 1) -> torch.Tensor:
@@ -95,7 +112,7 @@ def greedy_coreset(
 
 def _greedy_cpu(x: torch.Tensor, n: int, first: int, bar) -> tuple[torch.Tensor, int]:
     """Greedy steps with the compiled kernel, in chunks so the progress bar moves."""
-    from ._kernels import greedy_steps
+    from ._kernels import BLOCK, greedy_steps
 
     pts = np.ascontiguousarray(x.numpy(), dtype=np.float32)
     xn = (pts * pts).sum(1)
@@ -105,11 +122,16 @@ def _greedy_cpu(x: torch.Tensor, n: int, first: int, bar) -> tuple[torch.Tensor,
     cn, dc2 = np.empty(n, dtype=np.float32), np.empty(n, dtype=np.float32)
     chosen = np.empty(n, dtype=np.int64)
     chosen[0], centers[0], cn[0] = first, pts[first], xn[first]
+    blocks = -(-len(pts) // BLOCK)
+    padded = np.full(blocks * BLOCK, -1.0, dtype=np.float32)
+    padded[: len(pts)] = mind
+    bmax = padded.reshape(blocks, BLOCK).max(1)
+    barg = padded.reshape(blocks, BLOCK).argmax(1) + np.arange(blocks) * BLOCK
     done = 1
     bar.update(1)
     while done < n:
         stop = min(n, done + 512)
-        reached = greedy_steps(pts, xn, mind, assign, centers, cn, chosen, dc2, done, stop)
+        reached = greedy_steps(pts, xn, mind, assign, centers, cn, chosen, dc2, bmax, barg, done, stop)
         bar.update(reached - done)
         done = reached
         if reached < stop:
@@ -117,28 +139,65 @@ def _greedy_cpu(x: torch.Tensor, n: int, first: int, bar) -> tuple[torch.Tensor,
     return torch.from_numpy(chosen), done
 
 
-def _greedy_torch(x: torch.Tensor, n: int, first: int, bar) -> tuple[torch.Tensor, int]:
-    """The same greedy steps as torch operations, for CUDA tensors.
+def _greedy_torch(x: torch.Tensor, n: int, first: int, bar, use_triton: bool | None = None) -> tuple[torch.Tensor, int]:
+    """The same greedy steps on the device, for CUDA tensors: with the fused Triton kernels of
+    `anomap._triton` where Triton is installed (it comes with CUDA builds of torch), else as torch
+    operations.
 
-    No pruning here: on a GPU one matrix-vector product over all points costs less than finding
-    the few points worth re-measuring, and every step stays on the device (no host sync).
+    No pruning here: on a GPU one pass over all points costs less than finding the few points
+    worth re-measuring. Every step stays on the device (no host sync), and steps are replayed
+    `_GRAPH_STEPS` at a time from a captured CUDA graph, which removes the per-kernel launch cost.
     """
-    xn = x.pow(2).sum(1)
-    mind = (x - x[first]).pow_(2).sum(1)
     chosen = torch.empty(n, dtype=torch.long, device=x.device)
     gain = torch.empty(n, dtype=x.dtype, device=x.device)  # distance of each chosen point
     chosen[0], gain[0] = first, 1.0
-    for i in range(1, n):
-        new = mind.argmax().view(1)
-        chosen[i:i + 1], gain[i:i + 1] = new, mind.index_select(0, new)
-        d2 = torch.addmv(xn, x, x.index_select(0, new)[0], alpha=-2).add_(xn.index_select(0, new))
-        torch.minimum(mind, d2, out=mind)
-        if i % 1024 == 0:
-            bar.update(1024)
+    if use_triton is None:
+        use_triton = x.is_cuda and importlib.util.find_spec("triton") is not None
+    if use_triton:
+        from ._triton import GreedySweep
+
+        steps = GreedySweep(x, first, chosen, gain).steps
+    else:
+        steps = _torch_steps(x, first, chosen, gain)
+    i, graph = 1, None
+    while i < n:
+        count = min(_GRAPH_STEPS, n - i)
+        if graph is not None and count == _GRAPH_STEPS:
+            graph.replay()
+        elif x.is_cuda and graph is None and count == _GRAPH_STEPS and n - i >= 2 * _GRAPH_STEPS:
+            side = torch.cuda.Stream(x.device)  # warm-up steps on a side stream, as capture wants
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                steps(count)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                steps(_GRAPH_STEPS)
+        else:
+            steps(count)
+        i += count
+        bar.update(count)
     covered = (gain <= 0).nonzero()  # a chosen point at distance 0: every point was already covered
     done = int(covered[0]) if len(covered) else n
-    bar.update(n - bar.n)
     return chosen.cpu(), done
+
+
+def _torch_steps(x: torch.Tensor, first: int, chosen: torch.Tensor, gain: torch.Tensor):
+    """Greedy steps as torch operations; returns steps(count), appending at a device-side counter."""
+    xn = x.pow(2).sum(1)
+    mind = (x - x[first]).pow_(2).sum(1)
+    step = torch.ones(1, dtype=torch.long, device=x.device)
+
+    def steps(count: int) -> None:
+        for _ in range(count):
+            new = mind.argmax().view(1)
+            chosen.index_copy_(0, step, new)
+            gain.index_copy_(0, step, mind.index_select(0, new))
+            d2 = torch.addmv(xn, x, x.index_select(0, new)[0], alpha=-2).add_(xn.index_select(0, new))
+            torch.minimum(mind, d2, out=mind)
+            step.add_(1)
+
+    return steps
 
 
 def _project(features: torch.Tensor, project_dim: int | None, seed: int) -> torch.Tensor:
@@ -163,7 +222,7 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, exclude: torch.Te
         distances (M, k) ascending, indices (M, k) int64.
     """
     bank_sq = bank.pow(2).sum(1)
-    rows = max(1, _BLOCK_ELEMENTS // max(1, bank.shape[0]))
+    rows = _block_rows(bank.shape[0], bank.device)
     dists, idxs = [], []
     for s in range(0, queries.shape[0], rows):
         q = queries[s : s + rows]
@@ -174,6 +233,39 @@ def knn(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, exclude: torch.Te
         dists.append(val.clamp_(min=0).sqrt_())
         idxs.append(idx)
     return torch.cat(dists), torch.cat(idxs)
+
+
+class HalfBank(NamedTuple):
+    """A memory bank prepared for half-precision search: centered, scaled to norms <= 1."""
+
+    bank: torch.Tensor  # (K, D) half
+    sq: torch.Tensor  # (K,) half, squared norms of `bank`
+    center: torch.Tensor  # (D,) float32
+    scale: float
+
+
+def half_bank(bank: torch.Tensor, dtype: torch.dtype) -> HalfBank:
+    """(K, D) float32 bank -> `HalfBank` in `dtype` (float16 or bfloat16). Centering and scaling
+    keep squared norms near 1, where half precision resolves distances best and cannot overflow."""
+    center = bank.mean(0)
+    x = bank - center
+    scale = float(x.norm(dim=1).max().clamp(min=1e-12))
+    x = x / scale
+    return HalfBank(x.to(dtype), x.pow(2).sum(1).to(dtype), center, scale)
+
+
+def knn_half(queries: torch.Tensor, hb: HalfBank, k: int = 1) -> torch.Tensor:
+    """Approximate distances (M, k), ascending, from (M, D) float32 queries to their k nearest
+    entries of a `HalfBank`; errors about 1e-3 (float16) or 1e-2 (bfloat16) of the bank's radius."""
+    rows = _block_rows(hb.bank.shape[0], hb.bank.device)
+    dists = []
+    for s in range(0, queries.shape[0], rows):
+        q = (queries[s : s + rows] - hb.center) / hb.scale
+        d2 = torch.addmm(hb.sq, q.to(hb.bank.dtype), hb.bank.T, alpha=-2)  # |b|^2 - 2 q.b, (m, K)
+        best = d2.min(1, keepdim=True).values if k == 1 else torch.topk(d2, k, dim=1, largest=False).values
+        d2 = best.float().add_(q.pow(2).sum(1, keepdim=True))
+        dists.append(d2.clamp_(min=0).sqrt_().mul_(hb.scale))
+    return torch.cat(dists)
 
 
 def faiss_index(bank: torch.Tensor):

@@ -9,6 +9,13 @@ scales it by 1 - softmax weight of the nearest entry among its own `reweight_nei
 neighbours; measured on the bundled sets it changes AUROC by little (see benchmarks/patchcore.py),
 while the plain maximum is simpler to interpret and to threshold.
 
+Large training sets: features stream through the backbone in blocks of at most `coreset_chunk`
+patches (consecutive images); each block is reduced by its own sampler at `coreset_ratio` and the
+memory bank is the union of the blocks' picks. Memory is bounded by one block plus the bank, and
+the greedy coreset's cost, which grows with (patches x picks), grows only linearly with the number
+of images. Sets of up to `coreset_chunk` patches (e.g. 240 images at 256 px with a stride-8 grid)
+form one block: the exact greedy coreset.
+
 Default threshold (set by `fit`): mean + 3 sigma of leave-out scores of up to `threshold_images`
 training images, each scored against the bank with its own patches removed, so the scores behave
 like those of unseen normal images.
@@ -26,12 +33,15 @@ from tqdm.auto import tqdm
 from ..backbones import layer_info
 from ..errors import AnomapError
 from ..metrics import sigma_threshold
-from ..ops import align_concat, faiss_index, faiss_knn, gaussian_blur, greedy_coreset, knn, reduce_channels, upsample
+from ..ops import (HalfBank, align_concat, faiss_index, faiss_knn, gaussian_blur, greedy_coreset, half_bank, half_dtype, knn,
+                   knn_half,
+                   reduce_channels, upsample)
 from .base import Detector, Prediction
 from .features import Encoder
 
 SAMPLERS = ("coreset", "random", "none")
 NN_BACKENDS = ("torch", "faiss")
+RECHECK = 8  # highest patches per image re-measured in float32 when searching in half precision
 
 
 class PatchCore(Detector):
@@ -44,6 +54,7 @@ class PatchCore(Detector):
             channels); None keeps all.
         sampler: "coreset" (greedy k-center), "random" (seeded fraction) or "none" (all patches).
         coreset_ratio: fraction of patches kept by "coreset" and "random".
+        coreset_chunk: at most this many patches per sampler block (see above); None: one block.
         project_dim: dimension of the random projection the coreset distances are measured on.
         k: nearest neighbours averaged into a patch score.
         nn_backend: "torch" (exact, chunked, CPU or CUDA) or "faiss" (exact flat L2 index, CPU;
@@ -51,6 +62,10 @@ class PatchCore(Detector):
         reweight: apply the paper's Eq. 7 reweighting to the image score.
         reweight_neighbors: bank neighbourhood size used by the reweighting.
         blur_sigma: Gaussian blur of the anomaly map, in pixels.
+        precision: "fp32"; or "fp16" / "bf16": the backbone runs under autocast and nearest
+            neighbours are searched in half precision, then the candidates re-measured in fp32
+            (for GPUs; scores agree with fp32 to a rank correlation above 0.999, see
+            benchmarks/gpu.py).
         threshold_images: at most this many training images give the leave-out threshold.
         seed: seeds the coreset, the random sampler and the threshold image choice.
     """
@@ -68,12 +83,14 @@ class PatchCore(Detector):
         target_dim: int | None = None,
         sampler: str = "coreset",
         coreset_ratio: float = 0.1,
+        coreset_chunk: int | None = 250_000,
         project_dim: int = 128,
         k: int = 1,
         nn_backend: str = "torch",
         reweight: bool = False,
         reweight_neighbors: int = 9,
         blur_sigma: float = 4.0,
+        precision: str = "fp32",
         threshold_images: int = 200,
         device: str = "auto",
         batch_size: int = 16,
@@ -87,12 +104,14 @@ class PatchCore(Detector):
         self.target_dim = target_dim
         self.sampler = sampler
         self.coreset_ratio = coreset_ratio
+        self.coreset_chunk = coreset_chunk
         self.project_dim = project_dim
         self.k = k
         self.nn_backend = nn_backend
         self.reweight = reweight
         self.reweight_neighbors = reweight_neighbors
         self.blur_sigma = blur_sigma
+        self.precision = precision
         self.threshold_images = threshold_images
         self.device = device
         self.batch_size = batch_size
@@ -118,75 +137,113 @@ class PatchCore(Detector):
             raise AnomapError(f"unknown nn_backend {self.nn_backend!r}; use one of {', '.join(NN_BACKENDS)}")
         if not 0 < self.coreset_ratio <= 1:
             raise AnomapError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.coreset_chunk is not None and self.coreset_chunk < 1:
+            raise AnomapError(f"coreset_chunk must be a positive number of patches, got {self.coreset_chunk}")
         if len(images) < 1:
             raise AnomapError("fit needs at least one training image")
         self.encoder_ = Encoder.for_detector(self)
-        patches = self._collect_patches(images)  # (N, h, w, D)
-        self.grid_ = tuple(patches.shape[1:3])
-        per_image = self.grid_[0] * self.grid_[1]
-        flat = patches.reshape(-1, patches.shape[-1])
-        keep = self._subsample(flat)
-        self.memory_bank_ = flat[keep].to(self.encoder_.device, torch.float32)
-        self._index = None
+        gen = torch.Generator().manual_seed(self.seed)
+        count = min(self.threshold_images, len(images))
+        held = torch.randperm(len(images), generator=gen)[:count].sort().values  # threshold images
+        bank, source, held_patches = self._stream_bank(images, held)
+        self.memory_bank_ = bank.to(torch.float32)
+        self._index = self._half_bank = None
         self.fitted_ = True
-        source = keep.div(per_image, rounding_mode="floor").to(self.encoder_.device)
-        self.train_scores_ = self._leave_out_scores(patches, source)
+        self.train_scores_ = self._leave_out_scores(held_patches, held.tolist(), source)
         self.set_threshold(sigma_threshold(self.train_scores_))
         return self
 
-    def _collect_patches(self, images) -> torch.Tensor:
-        """Stream images through the backbone into one preallocated (N, h, w, D) float16 CPU tensor
-        (half the memory of float32, and no second copy from concatenating batches)."""
-        patches, start = None, 0
+    def _stream_bank(self, images, held: torch.Tensor):
+        """Stream the images in blocks of at most `coreset_chunk` patches, subsampling each block.
+
+        Returns:
+            bank (n, D) float16, source (n,) image index of each entry, and the (len(held), h*w, D)
+            float16 patches of the `held` images.
+        """
+        device = self.encoder_.device
+        block, filled, start, picks, sources, held_patches = None, 0, 0, [], [], []
+        held_set = set(held.tolist())
         for feats in self.encoder_.batches(images, "fit features"):
-            emb = self._embed(feats)
-            if patches is None:
-                patches = torch.empty((len(images), *emb.shape[1:]), dtype=torch.float16)
-            patches[start : start + emb.shape[0]] = emb.to("cpu", torch.float16)
-            start += emb.shape[0]
-        return patches
+            emb = self._embed(feats).to(torch.float16)  # (B, h, w, D)
+            if block is None:
+                self.grid_ = tuple(emb.shape[1:3])
+                per_image = self.grid_[0] * self.grid_[1]
+                rows = len(images) if self.coreset_chunk is None else max(1, self.coreset_chunk // per_image)
+                block = torch.empty((min(rows, len(images)), per_image, emb.shape[-1]), dtype=torch.float16,
+                                    device=device)
+            emb = emb.reshape(emb.shape[0], -1, emb.shape[-1])
+            for j in range(emb.shape[0]):
+                if start + filled + j in held_set:
+                    held_patches.append(emb[j])
+            taken = 0
+            while taken < emb.shape[0]:  # a batch may straddle two blocks
+                n = min(emb.shape[0] - taken, block.shape[0] - filled)
+                block[filled : filled + n] = emb[taken : taken + n]
+                filled, taken = filled + n, taken + n
+                if filled == block.shape[0] or start + filled == len(images):
+                    keep = self._subsample(block[:filled].reshape(-1, block.shape[-1]))
+                    picks.append(block[:filled].reshape(-1, block.shape[-1])[keep])
+                    sources.append(keep.div(per_image, rounding_mode="floor").to(device) + start)
+                    start, filled = start + filled, 0
+        return torch.cat(picks), torch.cat(sources), torch.stack(held_patches)
 
     def _subsample(self, flat: torch.Tensor) -> torch.Tensor:
         """(N, D) candidate patches -> (n,) indices of the bank entries, sorted."""
         total = flat.shape[0]
         n = max(1, int(round(total * self.coreset_ratio)))
         if self.sampler == "none" or n >= total:
-            return torch.arange(total)
+            return torch.arange(total, device=flat.device)
         if self.sampler == "random":
             gen = torch.Generator().manual_seed(self.seed)
-            return torch.randperm(total, generator=gen)[:n].sort().values
-        dev_flat = flat.to(self.encoder_.device)
-        return greedy_coreset(dev_flat, n, seed=self.seed, project_dim=self.project_dim).sort().values
+            return torch.randperm(total, generator=gen)[:n].sort().values.to(flat.device)
+        return greedy_coreset(flat, n, seed=self.seed, project_dim=self.project_dim).sort().values.to(flat.device)
 
-    def _leave_out_scores(self, patches: torch.Tensor, source: torch.Tensor) -> np.ndarray:
-        """Image scores of a seeded subset of training images (in image order), own patches excluded."""
-        gen = torch.Generator().manual_seed(self.seed)
-        count = min(self.threshold_images, patches.shape[0])
-        chosen = torch.randperm(patches.shape[0], generator=gen)[:count].sort().values.tolist()
+    def _leave_out_scores(self, patches: torch.Tensor, held: list[int], source: torch.Tensor) -> np.ndarray:
+        """Image scores of the held training images (patches (H, P, D), indices `held`), each
+        against the bank without its own entries."""
         scores = []
-        for i in tqdm(chosen, desc="threshold", unit="img", disable=None):
+        for i, q in zip(tqdm(held, desc="threshold", unit="img", disable=None), patches):
             exclude = source == i
             if bool(exclude.all()):
                 raise AnomapError("the threshold needs at least two training images")
-            q = patches[i].to(self.encoder_.device, torch.float32).reshape(1, -1, self.memory_bank_.shape[1])
-            scores.append(self._score(q, exclude)[0])
+            scores.append(self._score(q[None].float(), exclude)[0])
         return torch.cat(scores).cpu().numpy()
 
     def _score(self, q: torch.Tensor, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, P, D) patches -> image scores (B,), patch scores (B, P)."""
         b, p, d = q.shape
         k = min(self.k, self.memory_bank_.shape[0])
+        approximate = self.nn_backend == "torch" and self.precision != "fp32" and exclude is None
         if self.nn_backend == "faiss" and exclude is None:
-            dist, idx = faiss_knn(self._faiss_index(), q.reshape(-1, d), k)
+            dist = faiss_knn(self._faiss_index(), q.reshape(-1, d), k)[0]
+        elif approximate:
+            dist = knn_half(q.reshape(-1, d), self._half(), k)
         else:
-            dist, idx = knn(q.reshape(-1, d), self.memory_bank_, k, exclude=exclude)
+            dist = knn(q.reshape(-1, d), self.memory_bank_, k, exclude=exclude)[0]
         patch = dist.mean(1).reshape(b, p)
+        if approximate:
+            patch = self._recheck(q, patch, k)
         top = patch.argmax(1)  # (B,) the most anomalous patch of each image
         image = patch.gather(1, top[:, None]).squeeze(1)
         if self.reweight:
-            nearest = idx[:, 0].reshape(b, p).gather(1, top[:, None]).squeeze(1)
-            image = image * self._reweight(q[torch.arange(b), top], nearest)
+            worst = q[torch.arange(b), top]
+            nearest = knn(worst, self.memory_bank_, 1, exclude=exclude)[1][:, 0]
+            image = image * self._reweight(worst, nearest)
         return image, patch
+
+    def _recheck(self, q: torch.Tensor, patch: torch.Tensor, k: int) -> torch.Tensor:
+        """Re-measure each image's `RECHECK` highest approximate patch scores exactly, in float32,
+        so that image scores are exact."""
+        top = patch.topk(min(RECHECK, patch.shape[1]), dim=1).indices  # (B, m)
+        worst = q.gather(1, top[..., None].expand(-1, -1, q.shape[2])).reshape(-1, q.shape[2])
+        exact = knn(worst, self.memory_bank_, k)[0].mean(1).reshape(top.shape)
+        return patch.scatter(1, top, exact)
+
+    def _half(self) -> HalfBank:
+        """The memory bank prepared for half-precision search, made on first use."""
+        if getattr(self, "_half_bank", None) is None:
+            self._half_bank = half_bank(self.memory_bank_, half_dtype(self.precision))
+        return self._half_bank
 
     def _faiss_index(self):
         """The faiss index of the memory bank, built on first use."""
@@ -205,14 +262,23 @@ class PatchCore(Detector):
         """Score images: (N,) image scores and (N, S, S) anomaly maps."""
         self._check_fitted()
         scores, maps = [], []
-        for feats in self.encoder_.batches(images, "predict"):
-            q = self._embed(feats)
-            b, h, w, d = q.shape
-            image, patch = self._score(q.reshape(b, h * w, d))
-            amap = gaussian_blur(upsample(patch.reshape(b, h, w), self.encoder_.size), self.blur_sigma)
+        for batch in self.encoder_.input_batches(images, "predict"):
+            image, amap = self.score_batch(batch)
             scores.append(image.cpu())
             maps.append(amap.cpu())
         return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy(), self.threshold_)
+
+    def score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed (B, 3, S, S) images -> image scores (B,) and maps (B, S, S), as float32
+        tensors on the detector's device (no copies to the host: the fast path for tensors already
+        on a GPU)."""
+        self._check_fitted()
+        with torch.inference_mode():
+            q = self._embed(self.encoder_.features(batch))
+            b, h, w, d = q.shape
+            image, patch = self._score(q.reshape(b, h * w, d))
+            amap = gaussian_blur(upsample(patch.reshape(b, h, w), self.encoder_.size), self.blur_sigma)
+        return image, amap
 
     def _get_state(self):
         tensors = {"memory_bank": self.memory_bank_, "train_scores": torch.from_numpy(self.train_scores_)}
@@ -225,7 +291,7 @@ class PatchCore(Detector):
             raise ValueError(f"memory bank of shape {tuple(bank.shape)}, expected (n, {dim})")
         self.encoder_ = Encoder.for_detector(self)
         self.memory_bank_ = bank.to(self.encoder_.device, torch.float32)
-        self._index = None
+        self._index = self._half_bank = None
         self.train_scores_ = tensors["train_scores"].numpy()
         self.grid_ = tuple(state["grid"])
         self.fitted_ = True
