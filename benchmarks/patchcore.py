@@ -39,6 +39,7 @@ def run_one(root: str, category: str, setting: str, backbone: str, image_size: i
     fit_s = time.perf_counter() - start
     labels = np.array([s.label for s in data.test])
     masks = load_masks(data.test, det.preprocess_) if data.has_masks else None
+    det.predict(data.test[:1])  # warm-up: thread pools and kernels, not part of the timing
     rows = []
     for reweight in (False, True):
         det.reweight = reweight

@@ -87,7 +87,11 @@ def test_align_concat_shapes_and_local_average():
     feats = {"a": torch.ones(2, 3, 8, 8), "b": torch.ones(2, 5, 4, 4) * 2}
     out = align_concat(feats, ("a", "b"), pool=3)
     assert out.shape == (2, 8, 8, 8)
-    assert torch.allclose(out[:, :3], torch.ones(1)) and torch.allclose(out[:, 3:], torch.full((1,), 2.0))
+    # away from the zero-padded border (wider for "b", whose 4x4 grid is upsampled)
+    assert torch.allclose(out[:, :3, 1:7, 1:7], torch.ones(1))
+    assert torch.allclose(out[:, 3:, 3:5, 3:5], torch.full((1,), 2.0))
+    # the padding counts: a corner averages 4 real values and 5 zeros, an edge 6 and 3
+    assert out[0, 0, 0, 0].item() == pytest.approx(4 / 9) and out[0, 0, 0, 4].item() == pytest.approx(6 / 9)
     x = torch.zeros(1, 1, 5, 5)
     x[0, 0, 2, 2] = 9.0
     pooled = align_concat({"a": x}, ("a",), pool=3)

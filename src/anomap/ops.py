@@ -38,6 +38,11 @@ def _block_rows(columns: int, device: torch.device) -> int:
 def align_concat(features: dict[str, torch.Tensor], layers: Sequence[str], *, pool: int = 1) -> torch.Tensor:
     """Average each map over a `pool` x `pool` neighbourhood, upsample to the first layer's grid, concatenate.
 
+    The average counts the zero padding beyond the border, as PatchCore's reference code does (it
+    unfolds with zero padding): border patches are damped rather than averaged over fewer, noisier
+    neighbours. On glass_fabric this raised PatchCore's image AUROC from 0.75 to 0.93 and AUPRO
+    from 0.56 to 0.77 (benchmarks/patchcore.py).
+
     Args:
         features: layer name -> (B, C_l, H_l, W_l).
         layers: the layers to use; the first one sets the grid (the shallowest).
@@ -51,7 +56,7 @@ def align_concat(features: dict[str, torch.Tensor], layers: Sequence[str], *, po
     for name in layers:
         fmap = features[name].float()
         if pool > 1:
-            fmap = F.avg_pool2d(fmap, pool, stride=1, padding=pool // 2, count_include_pad=False)
+            fmap = F.avg_pool2d(fmap, pool, stride=1, padding=pool // 2, count_include_pad=True)
         if fmap.shape[-2:] != size:
             fmap = F.interpolate(fmap, size=size, mode="bilinear", align_corners=False)
         maps.append(fmap)
