@@ -55,6 +55,8 @@ def timed(phases: dict, name: str, fn):
             return fn(*args, **kwargs)
         finally:
             phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+            print(f"{name} done: {phases[name]:.1f} s in all, peak RSS {peak_rss_gb():.2f} GB",
+                  file=sys.stderr, flush=True)
     return wrapper
 
 
