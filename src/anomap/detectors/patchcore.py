@@ -174,7 +174,7 @@ class PatchCore(Detector):
             emb = emb.reshape(emb.shape[0], -1, emb.shape[-1])
             for j in range(emb.shape[0]):
                 if start + filled + j in held_set:
-                    held_patches.append(emb[j])
+                    held_patches.append(emb[j].clone())  # a copy: a view would keep the whole batch
             taken = 0
             while taken < emb.shape[0]:  # a batch may straddle two blocks
                 n = min(emb.shape[0] - taken, block.shape[0] - filled)
