@@ -29,7 +29,7 @@ from .._io import atomic_path
 from ..errors import AnomapError, ModelFileError, ScoreError
 
 FORMAT = "anomap"
-FORMAT_VERSION = 2  # 2: the checksum also covers the metadata
+FORMAT_VERSION = 3  # 2: the checksum also covers the metadata; 3: zero-padded 3x3 patch averages
 REGISTRY: dict[str, type[Detector]] = {}
 
 
