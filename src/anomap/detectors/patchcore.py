@@ -33,9 +33,8 @@ from tqdm.auto import tqdm
 from ..backbones import layer_info
 from ..errors import AnomapError
 from ..metrics import sigma_threshold
-from ..ops import (HalfBank, align_concat, faiss_index, faiss_knn, gaussian_blur, greedy_coreset, half_bank, half_dtype, knn,
-                   knn_half,
-                   reduce_channels, upsample)
+from ..ops import (HalfBank, align_concat, faiss_index, faiss_knn, gaussian_blur, greedy_coreset, half_bank, half_dtype,
+                   knn, knn_half, reduce_channels, upsample)
 from .base import Detector, Prediction
 from .features import Encoder
 
@@ -63,9 +62,9 @@ class PatchCore(Detector):
         reweight_neighbors: bank neighbourhood size used by the reweighting.
         blur_sigma: Gaussian blur of the anomaly map, in pixels.
         precision: "fp32"; or "fp16" / "bf16": the backbone runs under autocast and nearest
-            neighbours are searched in half precision, then the candidates re-measured in fp32
-            (for GPUs; scores agree with fp32 to a rank correlation above 0.999, see
-            benchmarks/gpu.py).
+            neighbours are searched in half precision, then each image's `RECHECK` highest patches
+            re-measured in fp32 (for GPUs; fp16 image scores agree with fp32 to a rank correlation
+            above 0.999, see benchmarks/gpu.py).
         threshold_images: at most this many training images give the leave-out threshold.
         seed: seeds the coreset, the random sampler and the threshold image choice.
     """
@@ -181,8 +180,9 @@ class PatchCore(Detector):
                 block[filled : filled + n] = emb[taken : taken + n]
                 filled, taken = filled + n, taken + n
                 if filled == block.shape[0] or start + filled == len(images):
-                    keep = self._subsample(block[:filled].reshape(-1, block.shape[-1]))
-                    picks.append(block[:filled].reshape(-1, block.shape[-1])[keep])
+                    flat = block[:filled].reshape(-1, block.shape[-1])
+                    keep = self._subsample(flat)
+                    picks.append(flat[keep])
                     sources.append(keep.div(per_image, rounding_mode="floor").to(device) + start)
                     start, filled = start + filled, 0
         return torch.cat(picks), torch.cat(sources), torch.stack(held_patches)
