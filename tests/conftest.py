@@ -58,3 +58,34 @@ def toy_root(tmp_path_factory) -> Path:
 def fast() -> dict:
     """Detector settings that keep tests quick: real offline weights, small images, CPU."""
     return {"backbone": "efficientnet_lite0", "image_size": SIZE, "device": "cpu"}
+
+
+def patchcore_file(folder: Path) -> Path:
+    """A small but complete PatchCore model file, without fitting (the random backbone is instant)."""
+    import torch
+
+    from anomap import PatchCore
+
+    det = PatchCore(backbone="efficientnet_lite0", weights="random", image_size=64, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    det.memory_bank_ = torch.randn(50, det._embedding_dim(), generator=gen)
+    det.normal_scores_ = torch.rand(10, generator=gen).numpy()
+    det.grid_ = (8, 8)
+    det.fitted_ = True
+    det.set_threshold(1.5)
+    return det.save(folder / "m.anomap")
+
+
+# float32 results of one computation done two ways (BatchNorm folded or not, another memory layout,
+# another number of threads or vector width) differ by rounding that grows with the depth of the
+# network and with the magnitude of the values, not with each element's own size: compare the
+# largest difference with the largest magnitude. 1e-4 is about 800 float32 ulps of that magnitude.
+SCALED_TOLERANCE = 1e-4
+
+
+def assert_close_scaled(actual, expected, rel: float = SCALED_TOLERANCE) -> None:
+    """max |actual - expected| <= rel * max |expected|, for torch tensors or numpy arrays."""
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert a.shape == e.shape, f"shapes {a.shape} and {e.shape}"
+    err, scale = float(np.abs(a - e).max(initial=0)), float(np.abs(e).max(initial=0))
+    assert err <= rel * scale, f"largest difference {err:.3g} exceeds {rel:g} x largest magnitude {scale:.3g}"

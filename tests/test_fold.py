@@ -5,6 +5,8 @@ from torch import nn
 from anomap._fold import fold_batchnorm
 from anomap.backbones import _network, backbone_names
 
+from conftest import assert_close_scaled
+
 
 def randomize_batchnorm(model: nn.Module) -> None:
     gen = torch.Generator().manual_seed(0)
@@ -27,4 +29,4 @@ def test_folding_keeps_every_network_output(name):
         folded = fold_batchnorm(net)
         after = folded(x)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-    torch.testing.assert_close(after, before, atol=1e-3, rtol=1e-3)
+    assert_close_scaled(after, before)

@@ -28,8 +28,8 @@ def test_training_scores_equal_scores_without_the_image(toy, k):
     det = GlobalKNN(**params).fit(toy.train)
     without_last = GlobalKNN(**params).fit(toy.train[:-1])
     expected = without_last.predict(toy.train[-1:]).scores[0]
-    assert det.train_scores_[-1] == pytest.approx(expected, rel=1e-4)
-    assert det.threshold_ == pytest.approx(det.train_scores_.mean() + 3 * det.train_scores_.std())
+    assert det.normal_scores_[-1] == pytest.approx(expected, rel=1e-4)
+    assert det.threshold_ == pytest.approx(det.normal_scores_.mean() + 3 * det.normal_scores_.std())
 
 
 def test_maps_are_constant_at_the_score(toy):
@@ -40,6 +40,6 @@ def test_maps_are_constant_at_the_score(toy):
     np.testing.assert_array_equal(pred.maps, np.broadcast_to(pred.scores[:, None, None], pred.maps.shape))
     assert det.bank_.shape == (len(toy.train), 112)
     with pytest.raises(ValueError, match="bank"):
-        GlobalKNN(backbone="efficientnet_lite0", device="cpu")._set_state(*det._get_state())
+        GlobalKNN(backbone="efficientnet_lite0", device="cpu")._check_state(*det._get_state())
     with pytest.raises(AnomapError, match="at least 4"):
         GlobalKNN(backbone="efficientnet_lite0", device="cpu", k=3).fit(toy.train[:3])

@@ -16,23 +16,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from anomap import PatchCore, load
+from anomap import load
 from anomap.cli import main
-from anomap.detectors.base import FORMAT_VERSION, read_model_file, write_model_file
+from anomap.detectors.model_file import FORMAT_VERSION, read_model_file, write_model_file
 from anomap.errors import ModelFileError
+
+from conftest import patchcore_file
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    """A small but complete PatchCore model file, without fitting (the random backbone is instant)."""
-    det = PatchCore(backbone="efficientnet_lite0", weights="random", image_size=64, device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    det.memory_bank_ = torch.randn(50, det._embedding_dim(), generator=gen)
-    det.train_scores_ = torch.rand(10, generator=gen).numpy()
-    det.grid_ = (8, 8)
-    det.fitted_ = True
-    det.set_threshold(1.5)
-    return det.save(tmp_path_factory.mktemp("model") / "m.anomap")
+    return patchcore_file(tmp_path_factory.mktemp("model"))
 
 
 def header_size(data: bytes) -> int:
@@ -113,10 +107,10 @@ def _rewritten(tmp_path: Path, model: Path, meta_change: dict, tensor_change: di
 @pytest.mark.parametrize("meta_change, tensor_change, expected", [
     ({}, {"memory_bank": torch.zeros(50, 7)}, "do not match"),
     ({}, {"memory_bank": torch.zeros(50)}, "do not match"),
-    ({}, {"train_scores": None}, "do not match"),
+    ({}, {"normal_scores": None}, "normal_scores"),
     ({}, {"memory_bank": torch.full((50, 136), float("nan"))}, "NaN"),
     ({"method": "nonsense"}, {}, "unknown method"),
-    ({"params": '{"no_such_param": 1}'}, {}, "do not match"),
+    ({"params": '{"no_such_param": 1}'}, {}, "unknown parameters"),
     ({"params": "[1, 2]"}, {}, "damaged metadata"),
     ({"params": "{not json"}, {}, "damaged metadata"),
     ({"state": '{"threshold": "high"}'}, {}, "threshold"),

@@ -70,7 +70,7 @@ def fitted(toy_root):
 
 def test_fit_gaussians_equal_numpy_on_the_training_features(fitted):
     det, data = fitted
-    feats = torch.cat([det._embed(f) for f in det.encoder_.batches(data.train)]).double().numpy()
+    feats = torch.cat([det._embed(f) for f in det._feature_batches(data.train, "test")]).double().numpy()
     assert feats.shape == (len(data.train), det.grid_[0] * det.grid_[1], 12)
     np.testing.assert_allclose(det.mean_.numpy(), feats.mean(0), rtol=1e-5, atol=1e-5)
     for p in (0, 77, feats.shape[1] - 1):
@@ -81,18 +81,18 @@ def test_fit_gaussians_equal_numpy_on_the_training_features(fitted):
 def test_threshold_from_leave_one_out_scores(fitted):
     det, data = fitted
     plain = det.predict(data.train).scores
-    assert det.train_scores_.shape == plain.shape  # every training image, in order (fewer than 200)
+    assert det.normal_scores_.shape == plain.shape  # every training image, in order (fewer than 200)
     # scored against Gaussians refitted without it, an image looks less normal than with it
-    assert (det.train_scores_ > plain).all()
-    assert det.threshold_ == pytest.approx(det.train_scores_.mean() + 3 * det.train_scores_.std())
+    assert (det.normal_scores_ > plain).all()
+    assert det.threshold_ == pytest.approx(det.normal_scores_.mean() + 3 * det.normal_scores_.std())
 
 
 def test_state_shape_mismatch_and_bad_params(fitted, toy_root):
     det, data = fitted
     tensors, state = det._get_state()
     other = PaDiM(backbone="efficientnet_lite0", image_size=128, device="cpu", n_features=13, seed=3)
-    with pytest.raises(ValueError, match="inv_cov"):
-        other._set_state(tensors, state)
+    with pytest.raises(ValueError, match=r"mean has shape \(1024, 12\), expected \(1024, 13\)"):
+        other._check_state(tensors, state)
     with pytest.raises(AnomapError, match="n_features"):
         PaDiM(backbone="efficientnet_lite0", n_features=500, device="cpu").fit(data.train)
     with pytest.raises(AnomapError, match="at least 3"):

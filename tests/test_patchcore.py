@@ -62,8 +62,8 @@ def test_leave_out_score_equals_score_without_that_image(toy):
     others = PatchCore(**params).fit(train[1:])
     expected = others.predict(train[:1]).scores[0]
     # fit keeps patches in float16, so the two paths agree to float16 precision
-    assert full.train_scores_[0] == pytest.approx(expected, rel=1e-3)
-    assert full.threshold_ == pytest.approx(full.train_scores_.mean() + 3 * full.train_scores_.std(), rel=1e-6)
+    assert full.normal_scores_[0] == pytest.approx(expected, rel=1e-3)
+    assert full.threshold_ == pytest.approx(full.normal_scores_.mean() + 3 * full.normal_scores_.std(), rel=1e-6)
 
 
 def test_reweighting_scales_scores_by_a_weight_in_0_1(fitted, toy):
@@ -148,7 +148,7 @@ def test_leave_out_threshold_with_chunks_excludes_the_image_itself(toy):
     params = dict(backbone="efficientnet_lite0", image_size=128, device="cpu", sampler="none", batch_size=2)
     full = PatchCore(**params, coreset_chunk=3 * 256).fit(train)
     others = PatchCore(**params).fit(train[:2] + train[3:])
-    assert full.train_scores_[2] == pytest.approx(others.predict(train[2:3]).scores[0], rel=1e-3)
+    assert full.normal_scores_[2] == pytest.approx(others.predict(train[2:3]).scores[0], rel=1e-3)
 
 
 def test_score_batch_matches_predict(fitted, toy):

@@ -66,8 +66,8 @@ def test_train_reference_threshold_is_leave_one_out(toy):
     det = PSFE(**params).fit(toy.train)
     without_first = PSFE(**params).fit(toy.train[1:])
     expected = without_first.predict(toy.train[:1]).scores[0]
-    np.testing.assert_allclose(det.train_scores_[0], expected, rtol=1e-4)
-    assert det.threshold_ == pytest.approx(det.train_scores_.mean() + 3 * det.train_scores_.std())
+    np.testing.assert_allclose(det.normal_scores_[0], expected, rtol=1e-4)
+    assert det.threshold_ == pytest.approx(det.normal_scores_.mean() + 3 * det.normal_scores_.std())
 
 
 def test_bad_parameters_and_state(toy):
@@ -78,5 +78,5 @@ def test_bad_parameters_and_state(toy):
     det = PSFE(backbone="efficientnet_lite0", image_size=128, device="cpu").fit(toy.train)
     tensors, state = det._get_state()
     with pytest.raises(ValueError, match="stat_mean"):
-        PSFE(backbone="efficientnet_lite0", image_size=128, device="cpu", patch_size=2)._set_state(
+        PSFE(backbone="efficientnet_lite0", image_size=128, device="cpu", patch_size=2)._check_state(
             tensors, state)

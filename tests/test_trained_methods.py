@@ -113,10 +113,10 @@ def test_threshold_is_mean_plus_3_sigma_of_held_out_scores(tmp_path):
     det = DFR(**FEATURES, epochs=1).fit(data.train)
     held = holdout_split(14, det.holdout, det.seed)[1]
     scores = det.predict([data.train[i] for i in held]).scores
-    assert len(det.threshold_scores_) == 2
+    assert len(det.normal_scores_) == 2
     # fit scores the held-out images from its float16 feature cache, predict from float32 features
-    np.testing.assert_allclose(det.threshold_scores_, scores, rtol=1e-3)
-    expected = det.threshold_scores_.mean() + 3 * det.threshold_scores_.std()
+    np.testing.assert_allclose(det.normal_scores_, scores, rtol=1e-3)
+    expected = det.normal_scores_.mean() + 3 * det.normal_scores_.std()
     assert det.threshold_ == pytest.approx(expected, rel=1e-6)
 
 
@@ -139,10 +139,12 @@ def test_dfr_latent_is_chosen_by_pca_or_given(dfr):
 def test_set_state_rejects_wrong_shapes(dfr):
     tensors, state = dfr._get_state()
     bad = {**tensors, "net.0.weight": tensors["net.0.weight"][:, :-1]}
+    other = DFR(**FEATURES)
+    other._setup()
     with pytest.raises(ValueError, match="net.0.weight"):
-        DFR(**FEATURES)._set_state(bad, state)
+        other._set_state(bad, state)
     with pytest.raises(ValueError, match="mean"):
-        DFR(**FEATURES)._set_state({**tensors, "mean": tensors["mean"][:-1]}, state)
+        DFR(**FEATURES)._check_state({**tensors, "mean": tensors["mean"][:-1]}, state)
 
 
 def test_conv_ae_refuses_sizes_not_multiple_of_16(toy):

@@ -19,3 +19,7 @@ class ModelFileError(AnomapError):
 
 class ScoreError(AnomapError):
     """Scores or maps are not finite, or metric inputs are inconsistent."""
+
+
+class ParamError(AnomapError):
+    """A parameter has the wrong type or lies outside its allowed values."""

@@ -1,73 +1,72 @@
-"""The detector contract and the model file format.
+"""The detector contract.
 
-A detector stores its keyword-only parameters in `__init__`, learns in `fit(images) -> self` and
-scores in `predict(images) -> Prediction` (higher = more anomalous). Learned state ends in `_`.
-
-Model file: one safetensors file. Tensors hold the learned state; its JSON metadata holds the
-format name and version, the method, the parameters, the non-tensor state and a SHA-256 of the
-tensors and of the other metadata, so a flipped bit anywhere is detected. Loading parses JSON and
-raw tensors only, so it never executes code.
+A detector is a keyword-only dataclass of declared parameters (`anomap.params`). It learns in
+`fit(images) -> self` and scores in `predict(images) -> Prediction` (higher = more anomalous),
+both assembled here from the method's `_fit` and `_score_batch`. Learned state ends in `_`.
+Saving and loading: `anomap.detectors.model_file`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
-import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from .. import __version__
-from .._io import atomic_path
-from ..errors import AnomapError, ModelFileError, ScoreError
+from .._images import Preprocess
+from ..data import iter_batches
+from ..encoder import Encoder, FeatureParams, resolve_device
+from ..errors import AnomapError, ParamError, ScoreError
+from ..metrics import sigma_threshold
+from ..params import BATCH_SIZE, IMAGE_SIZE, SEED, Device, Maybe, declared, param, validate
+from ..prediction import Prediction
+from . import model_file
+from .model_file import REGISTRY, load, short
 
-FORMAT = "anomap"
-FORMAT_VERSION = 3  # 2: the checksum also covers the metadata; 3: zero-padded 3x3 patch averages
-REGISTRY: dict[str, type[Detector]] = {}
+__all__ = ["REGISTRY", "Detector", "Prediction", "expect_shape", "load", "state_grid"]
 
 
-@dataclass(frozen=True)
-class Prediction:
-    """What `predict` returns.
+@dataclass(kw_only=True, repr=False, eq=False)
+class Detector:
+    """Base of every detector: declared parameters, batching, the threshold, saving.
 
-    Attributes:
-        scores: (N,) image anomaly scores, higher = more anomalous.
-        maps: (N, S, S) float32 pixel anomaly maps at the preprocessed input size.
-        threshold: the detector's decision threshold, or None when it has none.
+    A method subclasses it as a keyword-only dataclass, sets `method` and `min_train_images`, and
+    implements `_fit(images) -> normal scores`, `_score_batch(batch) -> (scores, maps)`,
+    `_get_state` and `_set_state`. The base class owns `fit` (which sets the threshold from the
+    normal scores and marks the model fitted last), `predict` and `score_batch`.
     """
 
-    scores: np.ndarray
-    maps: np.ndarray
-    threshold: float | None = None
-
-    @property
-    def labels(self) -> np.ndarray | None:
-        """(N,) int decisions, 1 = anomalous (score >= threshold); None without a threshold."""
-        return None if self.threshold is None else (self.scores >= self.threshold).astype(int)
-
-
-class Detector:
-    """Base of every detector: parameters, threshold, saving. Subclasses set `method` and implement
-    `fit`, `predict`, `_get_state` and `_set_state`."""
-
     method: ClassVar[str] = ""
+    min_train_images: ClassVar[int] = 1
+
+    image_size: int = param(256, IMAGE_SIZE, "images are resized to image_size x image_size pixels")
+    crop: int | None = param(None, Maybe(IMAGE_SIZE), "side of the centred square crop taken after resizing "
+                             "(null: no crop)")
+    device: str = param("auto", Device(), "where the networks run: auto (a GPU when present), cpu, cuda")
+    batch_size: int = param(16, BATCH_SIZE, "images per forward pass (and per training step)")
+    seed: int = param(42, SEED, "seeds every random choice of the method")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.method:
             REGISTRY[cls.method] = cls
 
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.crop is not None and self.crop > self.image_size:
+            raise ParamError(f"crop must be at most image_size ({self.image_size}), got {self.crop}")
+        self._check_params()
+
+    def _check_params(self) -> None:
+        """Checks that involve several parameters; the declarations check each one alone."""
+
     def get_params(self) -> dict[str, Any]:
-        """The constructor's keyword arguments, as stored on the instance."""
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        return {name: getattr(self, name) for name in names}
+        """The declared parameters, as stored on the instance."""
+        return {name: getattr(self, name) for name in declared(type(self))}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -85,18 +84,76 @@ class Detector:
         self._threshold = float(value)
 
     @property
-    def preprocess_(self):
-        """The preprocessing of the fitted model (`anomap.data.Preprocess`); detectors built on a
-        backbone have it from their `encoder_`."""
+    def preprocess_(self) -> Preprocess:
+        """The preprocessing that makes `score_batch`'s input; backbone methods take their
+        encoder's."""
         return self.encoder_.preprocess
 
-    def fit(self, images) -> Detector:  # pragma: no cover - contract
+    def _setup(self) -> None:
+        """What fitting and loading both need: the device and, for backbone methods, the encoder."""
+        self.device_ = resolve_device(self.device)
+        if isinstance(self, FeatureParams):
+            self.encoder_ = Encoder.from_params(self, self.device_, getattr(self, "precision", "fp32"))
+
+    def fit(self, images) -> Detector:
+        """Learn from normal images (Samples, paths, (H, W, 3) arrays or a preprocessed tensor),
+        set the threshold to mean + 3 sigma of the normal scores. Returns self."""
+        self.fitted_ = False
+        if len(images) < self.min_train_images:
+            raise AnomapError(f"{self.method} needs at least {self.min_train_images} training images, "
+                              f"got {len(images)}")
+        self._setup()
+        scores = np.asarray(self._fit(images), dtype=np.float32)
+        self.normal_scores_ = scores
+        self.set_threshold(sigma_threshold(scores))
+        self.fitted_ = True
+        return self
+
+    def _batches(self, images, desc: str) -> Iterator[torch.Tensor]:
+        """Preprocessed (B, 3, S, S) batches on the device, with a progress bar."""
+        with tqdm(total=len(images), desc=desc, unit="img", disable=None) as bar:
+            for batch in iter_batches(images, self.preprocess_, batch_size=self.batch_size):
+                yield batch.to(self.device_, non_blocking=True)
+                bar.update(batch.shape[0])
+
+    def _feature_batches(self, images, desc: str) -> Iterator[dict[str, torch.Tensor]]:
+        """Layer name -> (B, C, h, w) feature maps of each batch (in inference mode, which also
+        covers the caller's work on them)."""
+        with torch.inference_mode():
+            for batch in self._batches(images, desc):
+                yield self.encoder_.features(batch)
+
+    def score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Preprocessed (B, 3, S, S) images (see `preprocess_`) -> image scores (B,) and maps
+        (B, S, S), float32 tensors on the detector's device. Each image's result depends on that
+        image only."""
+        self._check_fitted()
+        with torch.inference_mode():
+            return self._score_batch(batch.to(self.device_))
+
+    def predict(self, images) -> Prediction:
+        """Score images: (N,) image scores and (N, S, S) float32 anomaly maps."""
+        self._check_fitted()
+        side = self.preprocess_.output_size
+        scores, maps = [np.zeros(0, np.float32)], [np.zeros((0, side, side), np.float32)]
+        with torch.inference_mode():
+            for batch in self._batches(images, "predict"):
+                image, amap = self._score_batch(batch)
+                scores.append(image.float().cpu().numpy())
+                maps.append(amap.float().cpu().numpy())
+        return Prediction(np.concatenate(scores), np.concatenate(maps), self.threshold_)
+
+    def _fit(self, images) -> np.ndarray:  # pragma: no cover - contract
         raise NotImplementedError
 
-    def predict(self, images) -> Prediction:  # pragma: no cover - contract
+    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
     def _get_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _check_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:  # pragma: no cover
+        """Raise ValueError unless the stored tensors and state fit the parameters (nothing built yet)."""
         raise NotImplementedError
 
     def _set_state(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:  # pragma: no cover
@@ -109,109 +166,24 @@ class Detector:
     def save(self, path: str | Path) -> Path:
         """Write the fitted detector to one file (atomically). Returns the path."""
         self._check_fitted()
-        tensors, state = self._get_state()
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        state = {**state, "threshold": self.threshold_}
-        meta = {
-            "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "anomap_version": __version__,
-            "method": self.method,
-            "params": json.dumps(self.get_params()),
-            "state": json.dumps(state),
-        }
-        return write_model_file(path, tensors, meta)
+        return model_file.save(self, path)
 
 
-def write_model_file(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
-    """Write tensors and metadata (str -> str) atomically, adding the `sha256` checksum."""
-    path = Path(path)
-    meta = {**meta, "sha256": _digest(tensors, meta)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-        _sort_header(tmp)
-    return path
+def expect_shape(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int | None, ...]) -> torch.Tensor:
+    """The stored tensor `name` if it has `shape` (None: any positive size); else ValueError."""
+    if name not in tensors:
+        raise ValueError(f"tensor {name!r} is missing")
+    t = tensors[name]
+    if t.ndim != len(shape) or any(s == 0 or (e is not None and s != e) for s, e in zip(t.shape, shape)):
+        want = ", ".join("n" if e is None else str(e) for e in shape)
+        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({want})")
+    return t
 
 
-def _sort_header(path: Path) -> None:
-    """Rewrite the safetensors header with sorted keys, so the same model gives the same bytes
-    (safetensors writes the metadata map in arbitrary order). Same length, rewritten in place."""
-    with open(path, "rb+") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        raw = fh.read(size)
-        header = json.dumps(json.loads(raw), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-        header = header.encode().ljust(size)  # safetensors pads the header with spaces
-        if len(header) != size:  # pragma: no cover - only if the two JSON writers escaped differently
-            raise ModelFileError(f"{path}: cannot normalise the model file header")
-        fh.seek(8)
-        fh.write(header)
-
-
-def load(path: str | Path, *, device: str | None = None) -> Detector:
-    """Restore a detector saved with `Detector.save`.
-
-    Args:
-        path: the model file.
-        device: overrides the saved `device` parameter (e.g. "cpu" for a model fitted on a GPU).
-    """
-    meta, tensors = read_model_file(path)
-    method = meta["method"]
-    if method not in REGISTRY:
-        raise ModelFileError(f"{path}: unknown method {method!r}; known: {', '.join(sorted(REGISTRY))}")
-    try:
-        params = json.loads(meta["params"])
-        state = json.loads(meta["state"])
-    except (KeyError, json.JSONDecodeError) as err:
-        raise ModelFileError(f"{path}: damaged metadata ({err})") from None
-    if not isinstance(params, dict) or not isinstance(state, dict):
-        raise ModelFileError(f"{path}: damaged metadata (params and state must be JSON objects)")
-    threshold = state.get("threshold")
-    if threshold is not None and (not isinstance(threshold, (int, float)) or not np.isfinite(threshold)):
-        raise ModelFileError(f"{path}: damaged metadata (threshold {threshold!r} is not a finite number)")
-    if device is not None:
-        params["device"] = device
-    try:
-        det = REGISTRY[method](**params)
-        det._set_state(tensors, state)
-    except (TypeError, KeyError, ValueError, RuntimeError) as err:
-        raise ModelFileError(f"{path}: model contents do not match method {method!r} ({err})") from None
-    if threshold is not None:
-        det.set_threshold(threshold)
-    return det
-
-
-def read_model_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """Read and verify a model file: (metadata, tensors). Raises ModelFileError when damaged."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ModelFileError(f"{path}: not a readable anomap model file ({err})") from None
-    if meta.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: not an anomap model file (no '{FORMAT}' format tag)")
-    if meta.get("format_version") != str(FORMAT_VERSION):
-        raise ModelFileError(
-            f"{path}: model format version {meta.get('format_version')!r} is not supported by "
-            f"anomap {__version__} (expects {FORMAT_VERSION}); refit the model with this version"
-        )
-    if meta.get("sha256") != _digest(tensors, meta):
-        raise ModelFileError(f"{path}: checksum mismatch, the file is damaged; refit or restore it")
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ModelFileError(f"{path}: tensor {name!r} holds NaN or infinite values; refit the model")
-    return meta, tensors
-
-
-def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
-    """SHA-256 over the metadata except `sha256`, then tensor names, dtypes, shapes and bytes."""
-    h = hashlib.sha256()
-    h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+def state_grid(state: dict[str, Any], limit: int) -> tuple[int, int]:
+    """The stored feature grid (h, w): two integers from 1 to `limit`; else ValueError."""
+    grid = state.get("grid")
+    if (not isinstance(grid, list) or len(grid) != 2
+            or any(isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= limit for g in grid)):
+        raise ValueError(f"grid must be two integers from 1 to {limit}, got {short(grid)}")
+    return grid[0], grid[1]

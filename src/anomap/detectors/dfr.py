@@ -13,20 +13,29 @@ training features: the number of components that explain `variance` of their tot
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..backbones import layer_info
-from ..errors import AnomapError
-from ..metrics import sigma_threshold
+from ..encoder import FeatureParams
 from ..ops import align_concat, gaussian_blur, upsample
-from .base import Detector, Prediction
-from .features import Encoder
-from .training import (cache_features, channel_stats, check_shape, holdout_split, load_module_tensors,
-                       module_tensors, seeded_module, train_autoencoder)
+from ..params import BLUR_SIGMA, EPOCHS, Float, Int, Maybe, param
+from .base import Detector, expect_shape
+from .training import (
+    TrainingParams,
+    cache_features,
+    channel_stats,
+    holdout_split,
+    load_network,
+    losses,
+    module_tensors,
+    normal_scores,
+    seeded_module,
+    train_autoencoder,
+)
 
 
 def _network(channels: int, latent: int) -> nn.Module:
@@ -45,61 +54,24 @@ def pca_dimension(x: torch.Tensor, variance: float) -> int:
     return int((share < variance).sum()) + 1
 
 
-class DFR(Detector):
-    """Deep feature reconstruction anomaly detector.
+@dataclass(kw_only=True, repr=False, eq=False)
+class DFR(Detector, FeatureParams, TrainingParams):
+    """Deep feature reconstruction anomaly detector. `batch_size` is also the training batch;
+    `seed` seeds the network, the shuffling and the hold-out choice.
 
-    Default threshold (set by `fit`): mean + 3 sigma of the scores of a seeded `holdout` fraction
-    of the training images, kept out of the statistics and the training; when fewer than 2 images
-    would be held out (or fewer than 2 left), of the training images themselves.
-
-    Args:
-        backbone, layers, weights, image_size, crop, device, batch_size: the feature pipeline
-            (see `anomap.detectors.features.Encoder`); `batch_size` is also the training batch.
-        pool: side of the local average applied to each feature map (1 = none).
-        latent: bottleneck channels; None chooses them by PCA (see `variance`).
-        variance: share of the feature variance the PCA-sized bottleneck keeps.
-        epochs, lr: training length and Adam learning rate.
-        blur_sigma: Gaussian blur of the anomaly map, in pixels.
-        holdout: fraction of the training images held out for the threshold.
-        seed: seeds the network, the shuffling and the hold-out choice.
+    Default threshold: mean + 3 sigma of the scores of a seeded `holdout` fraction of the training
+    images, kept out of the statistics and the training; when fewer than 2 images would be held
+    out (or fewer than 2 left), of the training images themselves.
     """
 
     method = "dfr"
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "wide_resnet50_2",
-        layers: Sequence[str] = ("layer2", "layer3"),
-        weights: str = "imagenet",
-        image_size: int = 256,
-        crop: int | None = None,
-        pool: int = 3,
-        latent: int | None = None,
-        variance: float = 0.9,
-        epochs: int = 40,
-        lr: float = 1e-3,
-        blur_sigma: float = 4.0,
-        holdout: float = 0.15,
-        device: str = "auto",
-        batch_size: int = 16,
-        seed: int = 42,
-    ) -> None:
-        self.backbone = backbone
-        self.layers = tuple(layers)
-        self.weights = weights
-        self.image_size = image_size
-        self.crop = crop
-        self.pool = pool
-        self.latent = latent
-        self.variance = variance
-        self.epochs = epochs
-        self.lr = lr
-        self.blur_sigma = blur_sigma
-        self.holdout = holdout
-        self.device = device
-        self.batch_size = batch_size
-        self.seed = seed
+    pool: int = param(3, Int(1, 15), "side of the local average applied to each feature map (1: none)")
+    latent: int | None = param(None, Maybe(Int(1, 4096)), "bottleneck channels; null chooses them by PCA")
+    variance: float = param(0.9, Float(0, 1, open_lo=True), "share of the feature variance the PCA-sized "
+                            "bottleneck keeps")
+    epochs: int = param(40, EPOCHS, "training epochs")
+    blur_sigma: float = param(4.0, BLUR_SIGMA, "Gaussian blur of the anomaly map, in pixels")
 
     def _channels(self) -> int:
         return sum(layer_info(self.backbone, self.layers)[0].values())
@@ -108,29 +80,19 @@ class DFR(Detector):
         """Feature maps -> (B, C, h, w) aligned multi-scale features."""
         return align_concat(feats, self.layers, pool=self.pool)
 
-    def fit(self, images) -> DFR:
-        """Train on normal images (Samples, paths or arrays) and set the threshold."""
-        if len(images) < 1:
-            raise AnomapError("fit needs at least one training image")
-        if (self.latent is not None and self.latent < 1) or not 0 < self.variance <= 1:
-            raise AnomapError(f"need latent >= 1 or None and variance in (0, 1]; got {self.latent}, {self.variance}")
-        self.encoder_ = Encoder.for_detector(self)
-        device = self.encoder_.device
-        feats = cache_features(self.encoder_.batches(images, "fit features"), self._embed)  # (N, C, h, w)
+    def _fit(self, images) -> np.ndarray:
+        """Train on normal images; return the held-out images' scores."""
+        feats = cache_features(self._feature_batches(images, "fit features"), self._embed)  # (N, C, h, w)
         fit_idx, held_idx = holdout_split(len(feats), self.holdout, self.seed)
-        self.mean_, self.std_ = (s.to(device) for s in channel_stats(feats[fit_idx], [0, 2, 3]))
+        self.mean_, self.std_ = (s.to(self.device_) for s in channel_stats(feats[fit_idx], [0, 2, 3]))
         self.latent_ = self.latent or self._pca_latent(feats[fit_idx])
         self.net_ = seeded_module(lambda: _network(feats.shape[1], self.latent_), self.seed)
         self.train_losses_ = train_autoencoder(
             self.net_, feats[fit_idx], epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-            device=device, seed=self.seed, prepare=lambda x, _: self._standardize(x), desc="dfr train",
+            device=self.device_, seed=self.seed, prepare=lambda x, _: self._standardize(x), desc="dfr train",
         )
-        self.fitted_ = True
-        normal = feats[held_idx] if len(held_idx) else feats[fit_idx]
-        scores = [self._score(chunk.to(device))[0].cpu() for chunk in normal.split(self.batch_size)]
-        self.threshold_scores_ = torch.cat(scores).numpy()
-        self.set_threshold(sigma_threshold(self.threshold_scores_))
-        return self
+        score = lambda x: self._score(x)[0]  # noqa: E731
+        return normal_scores(score, feats, fit_idx, held_idx, self.batch_size, self.device_)
 
     def _pca_latent(self, feats: torch.Tensor) -> int:
         """Bottleneck size from the standardised training features (at most 20 000 positions, seeded)."""
@@ -144,42 +106,32 @@ class DFR(Detector):
 
     def _score(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C, h, w) features -> image scores (B,), maps (B, S, S)."""
-        with torch.inference_mode():
-            z = self._standardize(feats)
-            error = (self.net_(z) - z).pow(2).mean(dim=1)  # (B, h, w)
-            amap = gaussian_blur(upsample(error, self.encoder_.size), self.blur_sigma)
+        z = self._standardize(feats)
+        error = (self.net_(z) - z).pow(2).mean(dim=1)  # (B, h, w)
+        amap = gaussian_blur(upsample(error, self.encoder_.size), self.blur_sigma)
         return amap.amax(dim=(1, 2)), amap
 
-    def predict(self, images) -> Prediction:
-        """Score images: (N,) image scores and (N, S, S) anomaly maps."""
-        self._check_fitted()
-        size = self.encoder_.size
-        scores, maps = [np.zeros(0, np.float32)], [np.zeros((0, size, size), np.float32)]
-        for feats in self.encoder_.batches(images, "predict"):
-            image, amap = self._score(self._embed(feats))
-            scores.append(image.cpu().numpy())
-            maps.append(amap.cpu().numpy())
-        return Prediction(np.concatenate(scores), np.concatenate(maps), self.threshold_)
+    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._score(self._embed(self.encoder_.features(batch)))
 
     def _get_state(self):
-        tensors = {
-            **module_tensors(self.net_),
-            "mean": self.mean_,
-            "std": self.std_,
-            "threshold_scores": torch.from_numpy(self.threshold_scores_),
-        }
+        tensors = {**module_tensors(self.net_), "mean": self.mean_, "std": self.std_}
         return tensors, {"latent": self.latent_, "train_losses": self.train_losses_}
 
+    def _check_state(self, tensors, state) -> None:
+        for name in ("mean", "std"):
+            expect_shape(tensors, name, (self._channels(),))
+        self._stored_latent(state)
+        losses(state)
+
+    def _stored_latent(self, state) -> int:
+        latent = state.get("latent")
+        if isinstance(latent, bool) or not isinstance(latent, int) or not 1 <= latent <= self._channels():
+            raise ValueError(f"latent must be an integer from 1 to {self._channels()}")
+        return latent
+
     def _set_state(self, tensors, state) -> None:
-        channels, latent = self._channels(), int(state["latent"])
-        self.encoder_ = Encoder.for_detector(self)
-        device = self.encoder_.device
-        self.mean_ = check_shape("mean", tensors["mean"], (channels,)).to(device)
-        self.std_ = check_shape("std", tensors["std"], (channels,)).to(device)
-        self.latent_ = latent
-        self.net_ = _network(channels, latent)
-        load_module_tensors(self.net_, tensors)
-        self.net_.to(device)
-        self.threshold_scores_ = tensors["threshold_scores"].numpy()
-        self.train_losses_ = list(state["train_losses"])
-        self.fitted_ = True
+        self.mean_, self.std_ = tensors["mean"].to(self.device_), tensors["std"].to(self.device_)
+        self.latent_ = self._stored_latent(state)
+        self.net_ = load_network(lambda: _network(self._channels(), self.latent_), tensors, self.device_)
+        self.train_losses_ = losses(state)

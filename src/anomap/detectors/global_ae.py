@@ -10,102 +10,72 @@ normal variation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..backbones import layer_info
-from ..errors import AnomapError
-from ..metrics import sigma_threshold
-from .base import Detector, Prediction
-from .features import Encoder
-from .training import (cache_features, channel_stats, check_shape, holdout_split, load_module_tensors,
-                       module_tensors, seeded_module, train_autoencoder)
+from ..encoder import FeatureParams
+from ..params import EPOCHS, Int, param
+from .base import Detector, expect_shape
+from .training import (
+    TrainingParams,
+    cache_features,
+    channel_stats,
+    holdout_split,
+    load_network,
+    losses,
+    module_tensors,
+    normal_scores,
+    seeded_module,
+    train_autoencoder,
+)
 
 
 def _network(dim: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
 
 
-class GlobalAE(Detector):
+@dataclass(kw_only=True, repr=False, eq=False)
+class GlobalAE(Detector, FeatureParams, TrainingParams):
     """Autoencoder on globally pooled backbone features.
 
     The pixel map carries no localisation: it is the image score broadcast to every pixel, so
-    it is constant within an image.
+    it is constant within an image. `batch_size` is also the training batch; `seed` seeds the
+    network, the shuffling and the hold-out choice.
 
-    Default threshold (set by `fit`): mean + 3 sigma of the scores of a seeded `holdout` fraction
-    of the training images, kept out of the statistics and the training; when fewer than 2 images
-    would be held out (or fewer than 2 left), of the training images themselves.
-
-    Args:
-        backbone, layers, weights, image_size, crop, device, batch_size: the feature pipeline
-            (see `anomap.detectors.features.Encoder`); `batch_size` is also the training batch.
-        hidden: width of the autoencoder's hidden layer.
-        epochs, lr: training length and Adam learning rate.
-        holdout: fraction of the training images held out for the threshold.
-        seed: seeds the network, the shuffling and the hold-out choice.
+    Default threshold: mean + 3 sigma of the scores of a seeded `holdout` fraction of the training
+    images, kept out of the statistics and the training; when fewer than 2 images would be held
+    out (or fewer than 2 left), of the training images themselves.
     """
 
     method = "global_ae"
+    min_train_images = 2  # feature standardisation
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "wide_resnet50_2",
-        layers: Sequence[str] = ("layer2", "layer3"),
-        weights: str = "imagenet",
-        image_size: int = 256,
-        crop: int | None = None,
-        hidden: int = 64,
-        epochs: int = 200,
-        lr: float = 1e-3,
-        holdout: float = 0.15,
-        device: str = "auto",
-        batch_size: int = 16,
-        seed: int = 42,
-    ) -> None:
-        self.backbone = backbone
-        self.layers = tuple(layers)
-        self.weights = weights
-        self.image_size = image_size
-        self.crop = crop
-        self.hidden = hidden
-        self.epochs = epochs
-        self.lr = lr
-        self.holdout = holdout
-        self.device = device
-        self.batch_size = batch_size
-        self.seed = seed
+    hidden: int = param(64, Int(1, 16384), "width of the autoencoder's hidden layer")
+    epochs: int = param(200, EPOCHS, "training epochs")
 
     def _dim(self) -> int:
         return sum(layer_info(self.backbone, self.layers)[0].values())
 
-    def _pool(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Feature maps -> (B, D) concatenated global averages."""
-        return torch.cat([feats[name].float().mean(dim=(2, 3)) for name in self.layers], dim=1)
-
-    def fit(self, images) -> GlobalAE:
-        """Train on normal images (Samples, paths or arrays) and set the threshold."""
-        if len(images) < 2:
-            raise AnomapError("global_ae needs at least two training images (feature standardisation)")
-        self.encoder_ = Encoder.for_detector(self)
-        vectors = cache_features(self.encoder_.batches(images, "fit features"), self._pool)  # (N, D)
+    def _fit(self, images) -> np.ndarray:
+        """Train on normal images; return the held-out images' scores."""
+        vectors = cache_features(self._feature_batches(images, "fit features"), self._pool)  # (N, D)
         fit_idx, held_idx = holdout_split(len(vectors), self.holdout, self.seed)
-        self.mean_, self.std_ = (s.to(self.encoder_.device) for s in channel_stats(vectors[fit_idx], [0]))
+        self.mean_, self.std_ = (s.to(self.device_) for s in channel_stats(vectors[fit_idx], [0]))
         self.net_ = seeded_module(lambda: _network(vectors.shape[1], self.hidden), self.seed)
         self.train_losses_ = train_autoencoder(
             self.net_, vectors[fit_idx], epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-            device=self.encoder_.device, seed=self.seed, prepare=lambda x, _: self._standardize(x),
+            device=self.device_, seed=self.seed, prepare=lambda x, _: self._standardize(x),
             desc="global_ae train",
         )
-        self.fitted_ = True
-        normal = vectors[held_idx] if len(held_idx) else vectors[fit_idx]
-        with torch.inference_mode():
-            self.threshold_scores_ = self._score(normal.to(self.encoder_.device)).cpu().numpy()
-        self.set_threshold(sigma_threshold(self.threshold_scores_))
-        return self
+        return normal_scores(self._score, vectors, fit_idx, held_idx, self.batch_size, self.device_)
+
+    def _pool(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Feature maps -> (B, D) concatenated global averages."""
+        return torch.cat([feats[name].float().mean(dim=(2, 3)) for name in self.layers], dim=1)
 
     def _standardize(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.mean_) / self.std_
@@ -115,34 +85,21 @@ class GlobalAE(Detector):
         z = self._standardize(vectors)
         return (self.net_(z) - z).pow(2).mean(dim=1)
 
-    def predict(self, images) -> Prediction:
-        """Score images: (N,) image scores and (N, S, S) maps, each constant at its image's score."""
-        self._check_fitted()
-        size = self.encoder_.size
-        with torch.inference_mode():
-            scores = [self._score(self._pool(f)).cpu() for f in self.encoder_.batches(images, "predict")]
-        scores = torch.cat(scores).numpy() if scores else np.zeros(0, np.float32)
-        maps = np.broadcast_to(scores[:, None, None], (len(scores), size, size)).astype(np.float32)
-        return Prediction(scores, maps, self.threshold_)
+    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self._score(self._pool(self.encoder_.features(batch)))
+        side = self.encoder_.size
+        return scores, scores[:, None, None].expand(-1, side, side).contiguous()
 
     def _get_state(self):
-        tensors = {
-            **module_tensors(self.net_),
-            "mean": self.mean_,
-            "std": self.std_,
-            "threshold_scores": torch.from_numpy(self.threshold_scores_),
-        }
+        tensors = {**module_tensors(self.net_), "mean": self.mean_, "std": self.std_}
         return tensors, {"train_losses": self.train_losses_}
 
+    def _check_state(self, tensors, state) -> None:
+        for name in ("mean", "std"):
+            expect_shape(tensors, name, (self._dim(),))
+        losses(state)
+
     def _set_state(self, tensors, state) -> None:
-        dim = self._dim()
-        self.encoder_ = Encoder.for_detector(self)
-        device = self.encoder_.device
-        self.mean_ = check_shape("mean", tensors["mean"], (dim,)).to(device)
-        self.std_ = check_shape("std", tensors["std"], (dim,)).to(device)
-        self.net_ = _network(dim, self.hidden)
-        load_module_tensors(self.net_, tensors)
-        self.net_.to(device)
-        self.threshold_scores_ = tensors["threshold_scores"].numpy()
-        self.train_losses_ = list(state["train_losses"])
-        self.fitted_ = True
+        self.mean_, self.std_ = tensors["mean"].to(self.device_), tensors["std"].to(self.device_)
+        self.net_ = load_network(lambda: _network(self._dim(), self.hidden), tensors, self.device_)
+        self.train_losses_ = losses(state)

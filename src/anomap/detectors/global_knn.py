@@ -1,28 +1,28 @@
 """Global k-NN: one feature vector per image, scored by its distance to the training images' vectors.
 
 Each requested layer is averaged over its whole grid (global average pooling) and the results are
-concatenated into one vector per image. The image score is the mean Euclidean distance to its `k`
-nearest training vectors (k=1 by default: the distance to the closest normal image, which needs no
+concatenated into one vector per image, stored centred on the training mean. The image score is
+the mean Euclidean distance to its `k` nearest training vectors (k=1 by default: the distance to the closest normal image, which needs no
 tuning and works with a handful of training images). The method does not localize: its anomaly map
 is constant over each image, equal to the image score.
 
-Default threshold (set by `fit`): mean + 3 sigma of leave-one-out scores of the training images,
+Default threshold: mean + 3 sigma of leave-one-out scores of the training images,
 each scored against all the other training vectors (its own would give distance 0).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..backbones import layer_info
-from ..errors import AnomapError
-from ..metrics import sigma_threshold
+from ..encoder import FeatureParams
 from ..ops import knn
-from .base import Detector, Prediction
-from .features import Encoder
+from ..params import Int, param
+from .base import Detector, expect_shape
 
 
 def pooled(feats: dict[str, torch.Tensor], layers: Sequence[str]) -> torch.Tensor:
@@ -40,78 +40,43 @@ def leave_one_out_knn(vectors: torch.Tensor, k: int) -> torch.Tensor:
     return dist[keep].reshape(n, k).mean(1)
 
 
-class GlobalKNN(Detector):
-    """Global-feature k-nearest-neighbour detector.
-
-    Args:
-        backbone, layers, weights, image_size, crop, device, batch_size: the feature pipeline
-            (see `anomap.detectors.features.Encoder`); every layer is pooled and concatenated.
-        k: nearest training vectors averaged into the score.
-        seed: unused (the method has no randomness); accepted like every detector's.
-    """
+@dataclass(kw_only=True, repr=False, eq=False)
+class GlobalKNN(Detector, FeatureParams):
+    """Global-feature k-nearest-neighbour detector; every layer is pooled and concatenated. The
+    method has no randomness: `seed` is accepted like every detector's."""
 
     method = "global_knn"
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "wide_resnet50_2",
-        layers: Sequence[str] = ("layer2", "layer3"),
-        weights: str = "imagenet",
-        image_size: int = 256,
-        crop: int | None = None,
-        k: int = 1,
-        device: str = "auto",
-        batch_size: int = 16,
-        seed: int = 42,
-    ) -> None:
-        self.backbone = backbone
-        self.layers = tuple(layers)
-        self.weights = weights
-        self.image_size = image_size
-        self.crop = crop
-        self.k = k
-        self.device = device
-        self.batch_size = batch_size
-        self.seed = seed
+    k: int = param(1, Int(1, 1000), "nearest training vectors averaged into the score")
 
-    def fit(self, images) -> GlobalKNN:
-        """Store the pooled vectors of normal images (Samples, paths or arrays); set the threshold."""
-        if self.k < 1:
-            raise AnomapError(f"k must be at least 1, got {self.k}")
-        if len(images) < self.k + 1:
-            raise AnomapError(
-                f"global_knn with k={self.k} needs at least {self.k + 1} training images, got {len(images)}"
-            )
-        self.encoder_ = Encoder.for_detector(self)
-        batches = self.encoder_.batches(images, "fit features")
-        self.bank_ = torch.cat([pooled(f, self.layers) for f in batches])
-        self.train_scores_ = leave_one_out_knn(self.bank_, self.k).cpu().numpy()
-        self.set_threshold(sigma_threshold(self.train_scores_))
-        self.fitted_ = True
-        return self
+    @property
+    def min_train_images(self) -> int:
+        return self.k + 1  # the leave-one-out threshold needs k others
 
-    def predict(self, images) -> Prediction:
-        """Score images: (N,) image scores and (N, S, S) maps, each constant at its image's score."""
-        self._check_fitted()
-        scores = []
-        for feats in self.encoder_.batches(images, "predict"):
-            dist, _ = knn(pooled(feats, self.layers), self.bank_, self.k)
-            scores.append(dist.mean(1).cpu())
-        scores = torch.cat(scores).numpy()
-        size = self.encoder_.size
-        maps = np.broadcast_to(scores[:, None, None], (len(scores), size, size)).astype(np.float32)
-        return Prediction(scores, maps, self.threshold_)
+    def _fit(self, images) -> np.ndarray:
+        """Store the pooled vectors of normal images; return their leave-one-out scores."""
+        vectors = torch.cat([pooled(f, self.layers) for f in self._feature_batches(images, "fit features")])
+        # distances come from |q|^2 + |b|^2 - 2 q.b: centred vectors keep its rounding error small
+        self.center_ = vectors.mean(0)
+        self.bank_ = vectors - self.center_
+        return leave_one_out_knn(self.bank_, self.k).cpu().numpy()
+
+    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        query = pooled(self.encoder_.features(batch), self.layers) - self.center_
+        scores = knn(query, self.bank_, self.k)[0].mean(1)
+        side = self.encoder_.size
+        return scores, scores[:, None, None].expand(-1, side, side).contiguous()
 
     def _get_state(self):
-        return {"bank": self.bank_, "train_scores": torch.from_numpy(self.train_scores_)}, {}
+        return {"bank": self.bank_, "center": self.center_}, {}
+
+    def _check_state(self, tensors, state) -> None:
+        dim = sum(layer_info(self.backbone, self.layers)[0].values())
+        bank = expect_shape(tensors, "bank", (None, dim))
+        expect_shape(tensors, "center", (dim,))
+        if bank.shape[0] < self.k:
+            raise ValueError(f"bank holds {bank.shape[0]} vectors, fewer than k={self.k}")
 
     def _set_state(self, tensors, state) -> None:
-        bank = tensors["bank"]
-        dim = sum(layer_info(self.backbone, self.layers)[0].values())
-        if bank.ndim != 2 or bank.shape[1] != dim or bank.shape[0] < self.k:
-            raise ValueError(f"bank of shape {tuple(bank.shape)}, expected (n >= {self.k}, {dim})")
-        self.encoder_ = Encoder.for_detector(self)
-        self.bank_ = bank.to(self.encoder_.device, torch.float32)
-        self.train_scores_ = tensors["train_scores"].numpy()
-        self.fitted_ = True
+        self.bank_ = tensors["bank"].to(self.device_, torch.float32)
+        self.center_ = tensors["center"].to(self.device_, torch.float32)

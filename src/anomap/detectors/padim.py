@@ -19,17 +19,17 @@ a training image looks more normal than an unseen normal image would.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..backbones import layer_info
-from ..errors import AnomapError
-from ..metrics import sigma_threshold
+from ..backbones import LAYERS, layer_info
+from ..encoder import FeatureParams
+from ..errors import ParamError
 from ..ops import align_concat, gaussian_blur, upsample
-from .base import Detector, Prediction
-from .features import Encoder
+from ..params import BLUR_SIGMA, THRESHOLD_IMAGES, Float, Int, Maybe, Names, check_memory, param
+from .base import Detector, expect_shape, state_grid
 
 
 def default_n_features(total: int) -> int:
@@ -93,49 +93,25 @@ def leave_one_out(x: torch.Tensor, mean: torch.Tensor, inv_downdate: torch.Tenso
     return sq.clamp_(min=0).sqrt_().T
 
 
-class PaDiM(Detector):
-    """PaDiM anomaly detector.
-
-    Args:
-        backbone, layers, weights, image_size, crop, device, batch_size: the feature pipeline
-            (see `anomap.detectors.features.Encoder`); the first layer sets the grid.
-        n_features: channels kept (a seeded random subset); None: `default_n_features`.
-        eps: ridge added to each covariance's diagonal.
-        blur_sigma: Gaussian blur of the anomaly map, in pixels.
-        threshold_images: at most this many training images give the leave-one-out threshold.
-        seed: seeds the channel subset and the threshold image choice.
-    """
+@dataclass(kw_only=True, repr=False, eq=False)
+class PaDiM(Detector, FeatureParams):
+    """PaDiM anomaly detector; the first layer sets the grid. `seed` seeds the channel subset
+    and the threshold image choice."""
 
     method = "padim"
+    min_train_images = 3  # the leave-one-out covariance divides by n - 2
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "wide_resnet50_2",
-        layers: Sequence[str] = ("layer1", "layer2", "layer3"),
-        weights: str = "imagenet",
-        image_size: int = 256,
-        crop: int | None = None,
-        n_features: int | None = None,
-        eps: float = 0.01,
-        blur_sigma: float = 4.0,
-        threshold_images: int = 200,
-        device: str = "auto",
-        batch_size: int = 16,
-        seed: int = 42,
-    ) -> None:
-        self.backbone = backbone
-        self.layers = tuple(layers)
-        self.weights = weights
-        self.image_size = image_size
-        self.crop = crop
-        self.n_features = n_features
-        self.eps = eps
-        self.blur_sigma = blur_sigma
-        self.threshold_images = threshold_images
-        self.device = device
-        self.batch_size = batch_size
-        self.seed = seed
+    layers: tuple[str, ...] = param(("layer1", "layer2", "layer3"), Names(LAYERS),
+                                    "backbone layers used, the first one sets the feature grid")
+    n_features: int | None = param(None, Maybe(Int(1, 4096)), "channels kept (a seeded random subset); "
+                                   "null: 100, or 550 for backbones with 1000 channels or more")
+    eps: float = param(0.01, Float(0, 1e6, open_lo=True), "ridge added to each covariance's diagonal")
+    blur_sigma: float = param(4.0, BLUR_SIGMA, "Gaussian blur of the anomaly map, in pixels")
+    threshold_images: int = param(200, THRESHOLD_IMAGES, "at most this many training images give the "
+                                  "leave-one-out threshold")
+
+    def _check_params(self) -> None:
+        self._channel_subset()
 
     def _channel_subset(self) -> torch.Tensor:
         """(d,) sorted indices of the kept channels among all concatenated ones."""
@@ -143,7 +119,7 @@ class PaDiM(Detector):
         total = sum(channels.values())
         d = default_n_features(total) if self.n_features is None else self.n_features
         if not 1 <= d <= total:
-            raise AnomapError(f"n_features must be between 1 and {total} for these layers, got {d}")
+            raise ParamError(f"n_features must be between 1 and {total} for these layers, got {d}")
         gen = torch.Generator().manual_seed(self.seed)
         return torch.randperm(total, generator=gen)[:d].sort().values
 
@@ -157,20 +133,16 @@ class PaDiM(Detector):
         grid = dist.reshape(dist.shape[0], *self.grid_).float()
         return gaussian_blur(upsample(grid, self.encoder_.size), self.blur_sigma)
 
-    def fit(self, images) -> PaDiM:
-        """Fit the per-position Gaussians on normal images (Samples, paths or arrays); set the threshold."""
+    def _fit(self, images) -> np.ndarray:
+        """Fit the per-position Gaussians on normal images; return leave-one-out scores."""
         n = len(images)
-        if n < 3:
-            raise AnomapError(f"PaDiM needs at least 3 training images for its threshold, got {n}")
-        if self.eps <= 0:
-            raise AnomapError(f"eps must be positive, got {self.eps}")
-        self.encoder_ = Encoder.for_detector(self)
-        self.channels_ = self._channel_subset().to(self.encoder_.device)
+        self.channels_ = self._channel_subset().to(self.device_)
         sums = outer = None
-        for feats in self.encoder_.batches(images, "fit features"):
+        for feats in self._feature_batches(images, "fit features"):
             x = self._embed(feats)
             if sums is None:
                 self.grid_ = tuple(feats[self.layers[0]].shape[-2:])
+                check_memory(x.shape[1] * x.shape[2] ** 2 * 8 * 3, "PaDiM's covariances")
                 sums = torch.zeros(x.shape[1:], dtype=torch.float64, device=x.device)
                 outer = torch.zeros(*x.shape[1:], x.shape[2], dtype=torch.float64, device=x.device)
             accumulate(sums, outer, x)
@@ -178,10 +150,7 @@ class PaDiM(Detector):
         self.mean_, self.inv_cov_ = mean.float(), inv_cov.float()
         inv_downdate = gaussians(sums, outer, n, self.eps, ddof=2)[1]
         del sums, outer
-        self.fitted_ = True
-        self.train_scores_ = self._leave_out_scores(images, mean, inv_downdate)
-        self.set_threshold(sigma_threshold(self.train_scores_))
-        return self
+        return self._leave_out_scores(images, mean, inv_downdate)
 
     def _leave_out_scores(self, images, mean: torch.Tensor, inv_downdate: torch.Tensor) -> np.ndarray:
         """(m,) leave-one-out image scores of a seeded subset of the training images."""
@@ -189,43 +158,26 @@ class PaDiM(Detector):
         chosen = torch.randperm(len(images), generator=gen)[: self.threshold_images].sort().values
         subset = images[chosen] if isinstance(images, torch.Tensor) else [images[i] for i in chosen.tolist()]
         scores = []
-        for feats in self.encoder_.batches(subset, "threshold"):
+        for feats in self._feature_batches(subset, "threshold"):
             dist = leave_one_out(self._embed(feats).double(), mean, inv_downdate, len(images))
             scores.append(self._maps(dist).amax((1, 2)).cpu())
         return torch.cat(scores).numpy()
 
-    def predict(self, images) -> Prediction:
-        """Score images: (N,) image scores and (N, S, S) anomaly maps."""
-        self._check_fitted()
-        scores, maps = [], []
-        for feats in self.encoder_.batches(images, "predict"):
-            amap = self._maps(mahalanobis(self._embed(feats), self.mean_, self.inv_cov_))
-            scores.append(amap.amax((1, 2)).cpu())
-            maps.append(amap.cpu())
-        return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy(), self.threshold_)
+    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amap = self._maps(mahalanobis(self._embed(self.encoder_.features(batch)), self.mean_, self.inv_cov_))
+        return amap.amax((1, 2)), amap
 
     def _get_state(self):
-        tensors = {
-            "mean": self.mean_,
-            "inv_cov": self.inv_cov_,
-            "train_scores": torch.from_numpy(self.train_scores_),
-        }
-        return tensors, {"grid": list(self.grid_)}
+        return {"mean": self.mean_, "inv_cov": self.inv_cov_}, {"grid": list(self.grid_)}
+
+    def _check_state(self, tensors, state) -> None:
+        h, w = state_grid(state, self.image_size)
+        d = self._channel_subset().shape[0]
+        expect_shape(tensors, "mean", (h * w, d))
+        expect_shape(tensors, "inv_cov", (h * w, d, d))
 
     def _set_state(self, tensors, state) -> None:
-        channels = self._channel_subset()
-        mean, inv_cov = tensors["mean"], tensors["inv_cov"]
-        grid = tuple(state["grid"])
-        p, d = grid[0] * grid[1], channels.shape[0]
-        if tuple(mean.shape) != (p, d) or tuple(inv_cov.shape) != (p, d, d):
-            raise ValueError(
-                f"mean {tuple(mean.shape)} and inv_cov {tuple(inv_cov.shape)}, "
-                f"expected ({p}, {d}) and ({p}, {d}, {d})"
-            )
-        self.encoder_ = Encoder.for_detector(self)
-        self.channels_ = channels.to(self.encoder_.device)
-        self.mean_ = mean.to(self.encoder_.device, torch.float32)
-        self.inv_cov_ = inv_cov.to(self.encoder_.device, torch.float32)
-        self.train_scores_ = tensors["train_scores"].numpy()
-        self.grid_ = grid
-        self.fitted_ = True
+        self.channels_ = self._channel_subset().to(self.device_)
+        self.mean_ = tensors["mean"].to(self.device_, torch.float32)
+        self.inv_cov_ = tensors["inv_cov"].to(self.device_, torch.float32)
+        self.grid_ = state_grid(state, self.image_size)

@@ -23,7 +23,7 @@ like those of unseen normal images.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,90 +31,59 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..backbones import layer_info
+from ..encoder import FeatureParams
 from ..errors import AnomapError
-from ..metrics import sigma_threshold
-from ..ops import (HalfBank, align_concat, faiss_index, faiss_knn, gaussian_blur, greedy_coreset, half_bank, half_dtype,
-                   knn, knn_half, reduce_channels, upsample)
-from .base import Detector, Prediction
-from .features import Encoder
+from ..ops import (
+    PRECISIONS,
+    HalfBank,
+    align_concat,
+    faiss_index,
+    faiss_knn,
+    gaussian_blur,
+    greedy_coreset,
+    half_bank,
+    half_dtype,
+    knn,
+    knn_half,
+    reduce_channels,
+    upsample,
+)
+from ..params import BLUR_SIGMA, THRESHOLD_IMAGES, Bool, Choice, Float, Int, Maybe, param
+from .base import Detector, expect_shape, state_grid
 
 SAMPLERS = ("coreset", "random", "none")
 NN_BACKENDS = ("torch", "faiss")
 RECHECK = 8  # highest patches per image re-measured in float32 when searching in half precision
 
 
-class PatchCore(Detector):
-    """PatchCore anomaly detector.
-
-    Args:
-        backbone, layers, weights, image_size, crop, device, batch_size: the feature pipeline
-            (see `anomap.detectors.features.Encoder`).
-        target_dim: reduce patch features to this many channels (adaptive average pooling over
-            channels); None keeps all.
-        sampler: "coreset" (greedy k-center), "random" (seeded fraction) or "none" (all patches).
-        coreset_ratio: fraction of patches kept by "coreset" and "random".
-        coreset_chunk: at most this many patches per sampler block (see above); None: one block.
-        project_dim: dimension of the random projection the coreset distances are measured on.
-        k: nearest neighbours averaged into a patch score.
-        nn_backend: "torch" (exact, chunked, CPU or CUDA) or "faiss" (exact flat L2 index, CPU;
-            needs `pip install anomap[faiss]`). The leave-out threshold always uses torch.
-        reweight: apply the paper's Eq. 7 reweighting to the image score.
-        reweight_neighbors: bank neighbourhood size used by the reweighting.
-        blur_sigma: Gaussian blur of the anomaly map, in pixels.
-        precision: "fp32"; or "fp16" / "bf16": the backbone runs under autocast and nearest
-            neighbours are searched in half precision, then each image's `RECHECK` highest patches
-            re-measured in fp32 (for GPUs; fp16 image scores agree with fp32 to a rank correlation
-            above 0.999, see benchmarks/gpu.py).
-        threshold_images: at most this many training images give the leave-out threshold.
-        seed: seeds the coreset, the random sampler and the threshold image choice.
-    """
+@dataclass(kw_only=True, repr=False, eq=False)
+class PatchCore(Detector, FeatureParams):
+    """PatchCore anomaly detector. Parameters: see `anomap.params` declarations below and
+    `FeatureParams` (backbone, layers, weights) and `Detector` (image_size, crop, device,
+    batch_size, seed: seeds the coreset, the random sampler and the threshold image choice)."""
 
     method = "patchcore"
+    min_train_images = 2
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "wide_resnet50_2",
-        layers: Sequence[str] = ("layer2", "layer3"),
-        weights: str = "imagenet",
-        image_size: int = 256,
-        crop: int | None = None,
-        target_dim: int | None = None,
-        sampler: str = "coreset",
-        coreset_ratio: float = 0.1,
-        coreset_chunk: int | None = 250_000,
-        project_dim: int = 128,
-        k: int = 1,
-        nn_backend: str = "torch",
-        reweight: bool = False,
-        reweight_neighbors: int = 9,
-        blur_sigma: float = 4.0,
-        precision: str = "fp32",
-        threshold_images: int = 200,
-        device: str = "auto",
-        batch_size: int = 16,
-        seed: int = 42,
-    ) -> None:
-        self.backbone = backbone
-        self.layers = tuple(layers)
-        self.weights = weights
-        self.image_size = image_size
-        self.crop = crop
-        self.target_dim = target_dim
-        self.sampler = sampler
-        self.coreset_ratio = coreset_ratio
-        self.coreset_chunk = coreset_chunk
-        self.project_dim = project_dim
-        self.k = k
-        self.nn_backend = nn_backend
-        self.reweight = reweight
-        self.reweight_neighbors = reweight_neighbors
-        self.blur_sigma = blur_sigma
-        self.precision = precision
-        self.threshold_images = threshold_images
-        self.device = device
-        self.batch_size = batch_size
-        self.seed = seed
+    target_dim: int | None = param(None, Maybe(Int(1, 65536)), "reduce patch features to this many channels "
+                                   "(average pooling over channels); null keeps all")
+    sampler: str = param("coreset", Choice(SAMPLERS), "coreset (greedy k-center), random (seeded fraction) "
+                         "or none (all patches)")
+    coreset_ratio: float = param(0.1, Float(0, 1, open_lo=True), "fraction of patches kept in the memory bank")
+    coreset_chunk: int | None = param(250_000, Maybe(Int(1, 10**9)), "at most this many patches per sampler "
+                                      "block (null: one block)")
+    project_dim: int = param(128, Int(1, 65536), "dimension of the random projection the coreset distances "
+                             "are measured on")
+    k: int = param(1, Int(1, 1000), "nearest memory bank entries averaged into a patch score")
+    nn_backend: str = param("torch", Choice(NN_BACKENDS), "torch (exact, chunked, CPU or CUDA) or faiss "
+                            "(exact flat index, CPU)")
+    reweight: bool = param(False, Bool(), "apply the paper's Eq. 7 reweighting to the image score")
+    reweight_neighbors: int = param(9, Int(1, 1000), "bank neighbourhood size used by the reweighting")
+    blur_sigma: float = param(4.0, BLUR_SIGMA, "Gaussian blur of the anomaly map, in pixels")
+    precision: str = param("fp32", Choice(PRECISIONS), "fp32; or fp16 / bf16: the backbone under autocast and "
+                           f"a half-precision search, each image's {RECHECK} highest patches re-measured in fp32")
+    threshold_images: int = param(200, THRESHOLD_IMAGES, "at most this many training images give the "
+                                  "leave-out threshold")
 
     def _embedding_dim(self) -> int:
         channels, _ = layer_info(self.backbone, self.layers)
@@ -128,29 +97,15 @@ class PatchCore(Detector):
             x = reduce_channels(x.reshape(-1, x.shape[-1]), self.target_dim).reshape(*x.shape[:3], -1)
         return x
 
-    def fit(self, images) -> PatchCore:
-        """Build the memory bank from normal images (Samples, paths or arrays) and set the threshold."""
-        if self.sampler not in SAMPLERS:
-            raise AnomapError(f"unknown sampler {self.sampler!r}; use one of {', '.join(SAMPLERS)}")
-        if self.nn_backend not in NN_BACKENDS:
-            raise AnomapError(f"unknown nn_backend {self.nn_backend!r}; use one of {', '.join(NN_BACKENDS)}")
-        if not 0 < self.coreset_ratio <= 1:
-            raise AnomapError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if self.coreset_chunk is not None and self.coreset_chunk < 1:
-            raise AnomapError(f"coreset_chunk must be a positive number of patches, got {self.coreset_chunk}")
-        if len(images) < 1:
-            raise AnomapError("fit needs at least one training image")
-        self.encoder_ = Encoder.for_detector(self)
+    def _fit(self, images) -> np.ndarray:
+        """Build the memory bank from normal images; return the held images' leave-out scores."""
         gen = torch.Generator().manual_seed(self.seed)
         count = min(self.threshold_images, len(images))
         held = torch.randperm(len(images), generator=gen)[:count].sort().values  # threshold images
         bank, source, held_patches = self._stream_bank(images, held)
         self.memory_bank_ = bank.to(torch.float32)
         self._index = self._half_bank = None
-        self.fitted_ = True
-        self.train_scores_ = self._leave_out_scores(held_patches, held.tolist(), source)
-        self.set_threshold(sigma_threshold(self.train_scores_))
-        return self
+        return self._leave_out_scores(held_patches, held.tolist(), source)
 
     def _stream_bank(self, images, held: torch.Tensor):
         """Stream the images in blocks of at most `coreset_chunk` patches, subsampling each block.
@@ -159,10 +114,10 @@ class PatchCore(Detector):
             bank (n, D) float16, source (n,) image index of each entry, and the (len(held), h*w, D)
             float16 patches of the `held` images.
         """
-        device = self.encoder_.device
+        device = self.device_
         block, filled, start, picks, sources, held_patches = None, 0, 0, [], [], []
         held_set = set(held.tolist())
-        for feats in self.encoder_.batches(images, "fit features"):
+        for feats in self._feature_batches(images, "fit features"):
             emb = self._embed(feats).to(torch.float16)  # (B, h, w, D)
             if block is None:
                 self.grid_ = tuple(emb.shape[1:3])
@@ -258,40 +213,20 @@ class PatchCore(Detector):
         dist = torch.linalg.vector_norm(self.memory_bank_[support] - worst[:, None], dim=2)  # (B, n)
         return 1 - F.softmax(dist, dim=1)[:, 0]
 
-    def predict(self, images) -> Prediction:
-        """Score images: (N,) image scores and (N, S, S) anomaly maps."""
-        self._check_fitted()
-        scores, maps = [], []
-        for batch in self.encoder_.input_batches(images, "predict"):
-            image, amap = self.score_batch(batch)
-            scores.append(image.cpu())
-            maps.append(amap.cpu())
-        return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy(), self.threshold_)
-
-    def score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Preprocessed (B, 3, S, S) images -> image scores (B,) and maps (B, S, S), as float32
-        tensors on the detector's device (no copies to the host: the fast path for tensors already
-        on a GPU)."""
-        self._check_fitted()
-        with torch.inference_mode():
-            q = self._embed(self.encoder_.features(batch))
-            b, h, w, d = q.shape
-            image, patch = self._score(q.reshape(b, h * w, d))
-            amap = gaussian_blur(upsample(patch.reshape(b, h, w), self.encoder_.size), self.blur_sigma)
-        return image, amap
+    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self._embed(self.encoder_.features(batch))
+        b, h, w, d = q.shape
+        image, patch = self._score(q.reshape(b, h * w, d))
+        return image, gaussian_blur(upsample(patch.reshape(b, h, w), self.encoder_.size), self.blur_sigma)
 
     def _get_state(self):
-        tensors = {"memory_bank": self.memory_bank_, "train_scores": torch.from_numpy(self.train_scores_)}
-        return tensors, {"grid": list(self.grid_)}
+        return {"memory_bank": self.memory_bank_}, {"grid": list(self.grid_)}
+
+    def _check_state(self, tensors, state) -> None:
+        expect_shape(tensors, "memory_bank", (None, self._embedding_dim()))
+        state_grid(state, self.image_size)
 
     def _set_state(self, tensors, state) -> None:
-        bank = tensors["memory_bank"]
-        dim = self._embedding_dim()
-        if bank.ndim != 2 or bank.shape[1] != dim or bank.shape[0] < 1:
-            raise ValueError(f"memory bank of shape {tuple(bank.shape)}, expected (n, {dim})")
-        self.encoder_ = Encoder.for_detector(self)
-        self.memory_bank_ = bank.to(self.encoder_.device, torch.float32)
+        self.memory_bank_ = tensors["memory_bank"].to(self.device_, torch.float32)
         self._index = self._half_bank = None
-        self.train_scores_ = tensors["train_scores"].numpy()
-        self.grid_ = tuple(state["grid"])
-        self.fitted_ = True
+        self.grid_ = state_grid(state, self.image_size)

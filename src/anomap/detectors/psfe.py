@@ -21,7 +21,7 @@ A patch's anomaly is the sum of the absolute z-scores of the chosen `stats`. Eac
 the mean over the patches covering it; the cell map is upsampled to the input size and blurred.
 The image score is the largest map value.
 
-Default threshold (set by `fit`): mean + 3 sigma of training-image scores. With "none" these are
+Default threshold: mean + 3 sigma of training-image scores. With "none" these are
 plain scores, as nothing was learned from them; with "train" each training image is scored against
 the mean and std of the other training images (leave-one-out, exact from the kept statistics).
 """
@@ -29,16 +29,16 @@ the mean and std of the other training images (leave-one-out, exact from the kep
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import AnomapError
-from ..metrics import sigma_threshold
+from ..encoder import FeatureParams
 from ..ops import align_concat, gaussian_blur, upsample
-from .base import Detector, Prediction
-from .features import Encoder
+from ..params import BLUR_SIGMA, Choice, Int, Maybe, Names, param
+from .base import Detector, expect_shape, state_grid
 
 STATS = ("variance", "entropy")
 REFERENCES = ("none", "train")
@@ -100,65 +100,21 @@ def cell_map(patch_scores: torch.Tensor, grid: tuple[int, int], size: int, strid
     return (total / count)[:, 0, :h, :w]
 
 
-class PSFE(Detector):
-    """Patch-wise statistical feature encoding.
-
-    Args:
-        backbone, layers, weights, image_size, crop, device, batch_size: the feature pipeline
-            (see `anomap.detectors.features.Encoder`); the first layer sets the grid.
-        patch_size: patch side, in feature grid cells.
-        stride: step between patches, in cells; None: `patch_size` (no overlap).
-        stats: the statistics combined, among "variance" and "entropy".
-        reference: "none" (the image's own patches) or "train" (per-position training statistics).
-        bins: histogram bins of the entropy.
-        blur_sigma: Gaussian blur of the anomaly map, in pixels.
-        seed: unused (the method has no randomness); accepted like every detector's.
-    """
+@dataclass(kw_only=True, repr=False, eq=False)
+class PSFE(Detector, FeatureParams):
+    """Patch-wise statistical feature encoding; the first layer sets the grid. The method has no
+    randomness: `seed` is accepted like every detector's."""
 
     method = "psfe"
+    min_train_images = 2
 
-    def __init__(
-        self,
-        *,
-        backbone: str = "wide_resnet50_2",
-        layers: Sequence[str] = ("layer2", "layer3"),
-        weights: str = "imagenet",
-        image_size: int = 256,
-        crop: int | None = None,
-        patch_size: int = 4,
-        stride: int | None = None,
-        stats: Sequence[str] = ("variance",),
-        reference: str = "train",
-        bins: int = 16,
-        blur_sigma: float = 4.0,
-        device: str = "auto",
-        batch_size: int = 16,
-        seed: int = 42,
-    ) -> None:
-        self.backbone = backbone
-        self.layers = tuple(layers)
-        self.weights = weights
-        self.image_size = image_size
-        self.crop = crop
-        self.patch_size = patch_size
-        self.stride = stride
-        self.stats = tuple(stats)
-        self.reference = reference
-        self.bins = bins
-        self.blur_sigma = blur_sigma
-        self.device = device
-        self.batch_size = batch_size
-        self.seed = seed
-
-    def _check_params(self) -> None:
-        stats = self.stats
-        if not stats or any(s not in STATS for s in stats) or len(set(stats)) != len(stats):
-            raise AnomapError(f"stats must be distinct names among {', '.join(STATS)}, got {self.stats!r}")
-        if self.reference not in REFERENCES:
-            raise AnomapError(f"unknown reference {self.reference!r}; use one of {', '.join(REFERENCES)}")
-        if self.patch_size < 1 or (self.stride is not None and self.stride < 1) or self.bins < 2:
-            raise AnomapError(f"patch_size and stride must be >= 1 and bins >= 2, got "
-                              f"{self.patch_size}, {self.stride}, {self.bins}")
+    patch_size: int = param(4, Int(1, 64), "patch side, in feature grid cells")
+    stride: int | None = param(None, Maybe(Int(1, 64)), "step between patches, in cells (null: patch_size)")
+    stats: tuple[str, ...] = param(("variance",), Names(STATS), "the statistics combined")
+    reference: str = param("train", Choice(REFERENCES), "none (the image's own patches) or train "
+                           "(per-position training statistics)")
+    bins: int = param(16, Int(2, 1024), "histogram bins of the entropy")
+    blur_sigma: float = param(4.0, BLUR_SIGMA, "Gaussian blur of the anomaly map, in pixels")
 
     @property
     def _step(self) -> int:
@@ -181,16 +137,12 @@ class PSFE(Detector):
             return robust_z(s)
         return (s - self.stat_mean_) / self.stat_std_
 
-    def fit(self, images) -> PSFE:
-        """Set up the encoder, measure training statistics ("train") and set the threshold."""
-        self._check_params()
+    def _fit(self, images) -> np.ndarray:
+        """Measure the training statistics ("train"); return the training images' scores."""
         n = len(images)
-        if n < 2:
-            raise AnomapError(f"PSFE needs at least 2 training images for its threshold, got {n}")
-        self.encoder_ = Encoder.for_detector(self)
         # (N, K, L) statistics: a few floats per patch, so those of all training images are kept
         train = []
-        for feats in self.encoder_.batches(images, "fit features"):
+        for feats in self._feature_batches(images, "fit features"):
             self.grid_ = tuple(feats[self.layers[0]].shape[-2:])
             train.append(self._statistics(feats).double())
         train = torch.cat(train)
@@ -202,41 +154,27 @@ class PSFE(Detector):
             self.stat_mean_, self.stat_std_ = mean.float(), std.float()
             loo_mean, loo_std = _mean_std(total - train, squares - train.pow(2), n - 1)  # (N, K, L)
             z = (train - loo_mean) / loo_std
-        self.fitted_ = True
-        z = z.float().split(self.batch_size)
-        self.train_scores_ = torch.cat([self._maps(b).amax((1, 2)) for b in z]).cpu().numpy()
-        self.set_threshold(sigma_threshold(self.train_scores_))
-        return self
+        return torch.cat([self._maps(b).amax((1, 2)) for b in z.float().split(self.batch_size)]).cpu().numpy()
 
-    def predict(self, images) -> Prediction:
-        """Score images: (N,) image scores and (N, S, S) anomaly maps."""
-        self._check_fitted()
-        scores, maps = [], []
-        for feats in self.encoder_.batches(images, "predict"):
-            amap = self._maps(self._z(self._statistics(feats)))
-            scores.append(amap.amax((1, 2)).cpu())
-            maps.append(amap.cpu())
-        return Prediction(torch.cat(scores).numpy(), torch.cat(maps).numpy(), self.threshold_)
+    def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amap = self._maps(self._z(self._statistics(self.encoder_.features(batch))))
+        return amap.amax((1, 2)), amap
 
     def _get_state(self):
-        tensors = {"train_scores": torch.from_numpy(self.train_scores_)}
-        if self.reference == "train":
-            tensors |= {"stat_mean": self.stat_mean_, "stat_std": self.stat_std_}
+        tensors = {"stat_mean": self.stat_mean_, "stat_std": self.stat_std_} if self.reference == "train" else {}
         return tensors, {"grid": list(self.grid_)}
 
-    def _set_state(self, tensors, state) -> None:
-        self._check_params()
-        self.grid_ = tuple(state["grid"])
-        self.encoder_ = Encoder.for_detector(self)
+    def _check_state(self, tensors, state) -> None:
+        self.grid_ = state_grid(state, self.image_size)
         if self.reference == "train":
-            expected = (len(self.stats), self._n_patches())
             for name in ("stat_mean", "stat_std"):
-                if tuple(tensors[name].shape) != expected:
-                    raise ValueError(f"{name} of shape {tuple(tensors[name].shape)}, expected {expected}")
-            self.stat_mean_ = tensors["stat_mean"].to(self.encoder_.device)
-            self.stat_std_ = tensors["stat_std"].to(self.encoder_.device)
-        self.train_scores_ = tensors["train_scores"].numpy()
-        self.fitted_ = True
+                expect_shape(tensors, name, (len(self.stats), self._n_patches()))
+
+    def _set_state(self, tensors, state) -> None:
+        self.grid_ = state_grid(state, self.image_size)
+        if self.reference == "train":
+            self.stat_mean_ = tensors["stat_mean"].to(self.device_)
+            self.stat_std_ = tensors["stat_std"].to(self.device_)
 
     def _n_patches(self) -> int:
         """Patches L on the fitted grid."""

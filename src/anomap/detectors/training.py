@@ -1,17 +1,20 @@
 """Shared pieces of the detectors that train a network on normal images: seeded model creation,
-the reconstruction training loop, the held-out threshold split, feature caching, state checks."""
+the optimisation parameters, the reconstruction training loop, the held-out threshold split,
+feature caching, and networks rebuilt from a model file only after their shapes are checked."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import AnomapError
+from ..params import HOLDOUT, LEARNING_RATE, param
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,6 @@ def train_autoencoder(
     Returns:
         The mean training loss of each epoch.
     """
-    if epochs < 1 or lr <= 0 or batch_size < 1:
-        raise AnomapError(f"training needs epochs >= 1, lr > 0 and batch_size >= 1; got {epochs}, {lr}, {batch_size}")
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -76,14 +77,20 @@ def train_autoencoder(
     return losses
 
 
+@dataclass(kw_only=True, repr=False, eq=False)
+class TrainingParams:
+    """The optimisation parameters shared by the detectors that train a network."""
+
+    lr: float = param(1e-3, LEARNING_RATE, "Adam learning rate")
+    holdout: float = param(0.15, HOLDOUT, "fraction of the training images held out for the threshold")
+
+
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded split of n training images into (fit indices, held-out indices), both sorted.
 
     round(n * fraction) images are held out when that leaves at least 2 on each side; otherwise
     nothing is held out (and the caller sets the threshold on training scores).
     """
-    if not 0 <= fraction < 1:
-        raise AnomapError(f"holdout must be in [0, 1), got {fraction}")
     held = round(n * fraction)
     if held < 2 or n - held < 2:
         return torch.arange(n), torch.arange(0)
@@ -91,8 +98,17 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
     return order[held:].sort().values, order[:held].sort().values
 
 
+def normal_scores(score: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, fit_idx: torch.Tensor,
+                  held_idx: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
+    """Image scores `score(batch)` of the held-out samples of (N, ...) `data`, or of the fit
+    samples when none is held out: the normal scores the threshold is set from."""
+    normal = data[held_idx] if len(held_idx) else data[fit_idx]
+    with torch.inference_mode():
+        return torch.cat([score(chunk.to(device)).cpu() for chunk in normal.split(batch_size)]).numpy()
+
+
 def cache_features(batches, embed: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> torch.Tensor:
-    """Concatenate `embed(features)` over an `Encoder.batches` stream, kept on the CPU as float16."""
+    """Concatenate `embed(features)` over a stream of feature batches, kept on the CPU as float16."""
     return torch.cat([embed(feats).to("cpu", torch.float16) for feats in batches])
 
 
@@ -107,21 +123,28 @@ def module_tensors(model: nn.Module, prefix: str = "net.") -> dict[str, torch.Te
     return {prefix + k: v for k, v in model.state_dict().items()}
 
 
-def load_module_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "net.") -> None:
-    """Load the prefixed tensors into `model`. Raises ValueError on missing names or other shapes."""
+def load_network(build: Callable[[], nn.Module], tensors: dict[str, torch.Tensor], device: torch.device,
+                 prefix: str = "net.") -> nn.Module:
+    """Build a network from stored tensors: first on the meta device, where the names and shapes
+    are checked without allocating anything, then on `device`. Raises ValueError on a mismatch."""
+    with torch.device("meta"):
+        model = build()
     expected = model.state_dict()
     given = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     if given.keys() != expected.keys():
-        raise ValueError(f"network tensors {sorted(given)} do not match the expected {sorted(expected)}")
+        raise ValueError(f"network tensors {sorted(given)[:4]} do not match the expected {sorted(expected)[:4]}")
     for name, value in expected.items():
         if given[name].shape != value.shape:
             raise ValueError(f"{prefix}{name} has shape {tuple(given[name].shape)}, expected {tuple(value.shape)}")
+    model = model.to_empty(device=device)
     model.load_state_dict(given)
-    model.eval()
+    return model.eval()
 
 
-def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Return `tensor` if it has `shape`, else raise ValueError naming it."""
-    if tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
-    return tensor
+def losses(state: dict) -> list[float]:
+    """The stored per-epoch training losses: a list of finite numbers; else ValueError."""
+    values = state.get("train_losses")
+    if not isinstance(values, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values):
+        raise ValueError("train_losses must be a list of finite numbers")
+    return [float(v) for v in values]
