@@ -103,7 +103,12 @@ class Detector:
             raise AnomapError(f"{self.method} needs at least {self.min_train_images} training images, "
                               f"got {len(images)}")
         self._setup()
-        scores = np.asarray(self._fit(images), dtype=np.float32)
+        return self._complete_fit(self._fit(images))
+
+    def _complete_fit(self, normal_scores: np.ndarray) -> Detector:
+        """The last step of every fit: keep the (m,) normal scores, set the threshold from them,
+        and only then mark the detector fitted. Returns self."""
+        scores = np.asarray(normal_scores, dtype=np.float32)
         self.normal_scores_ = scores
         self.set_threshold(sigma_threshold(scores))
         self.fitted_ = True

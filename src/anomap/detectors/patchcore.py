@@ -99,32 +99,50 @@ class PatchCore(Detector, FeatureParams):
 
     def _fit(self, images) -> np.ndarray:
         """Build the memory bank from normal images; return the held images' leave-out scores."""
+        held = self.held_images(len(images))
+        return self.finish_bank(*self._stream_bank(images, held), held)
+
+    def held_images(self, n: int) -> torch.Tensor:
+        """(m,) sorted indices, among n training images, of those that give the threshold (seeded)."""
         gen = torch.Generator().manual_seed(self.seed)
-        count = min(self.threshold_images, len(images))
-        held = torch.randperm(len(images), generator=gen)[:count].sort().values  # threshold images
-        bank, source, held_patches = self._stream_bank(images, held)
-        self.memory_bank_ = bank.to(torch.float32)
+        return torch.randperm(n, generator=gen)[: min(self.threshold_images, n)].sort().values
+
+    def block_images(self, per_image: int, n: int) -> int:
+        """How many consecutive training images (of n, with `per_image` patches each) form one
+        coreset block."""
+        return n if self.coreset_chunk is None else min(n, max(1, self.coreset_chunk // per_image))
+
+    def block_bank(self, patches: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Subsample one block: (m, P, D) float16 patches of training images start .. start + m - 1
+        -> bank entries (n, D) float16 and the training image index of each (n,)."""
+        flat = patches.reshape(-1, patches.shape[-1])
+        keep = self._subsample(flat)
+        return flat[keep], keep.div(patches.shape[1], rounding_mode="floor").to(flat.device) + start
+
+    def finish_bank(self, picks: torch.Tensor, sources: torch.Tensor, held_patches: torch.Tensor,
+                    held: torch.Tensor) -> np.ndarray:
+        """Keep the joined block picks (n, D) as the memory bank; return the leave-out scores of the
+        `held` images, whose (len(held), P, D) patches are given (`grid_` must be set)."""
+        self.memory_bank_ = picks.to(torch.float32)
         self._index = self._half_bank = None
-        return self._leave_out_scores(held_patches, held.tolist(), source)
+        return self._leave_out_scores(held_patches, held.tolist(), sources)
 
     def _stream_bank(self, images, held: torch.Tensor):
-        """Stream the images in blocks of at most `coreset_chunk` patches, subsampling each block.
+        """Stream the images through the backbone in coreset blocks (`block_images`).
 
         Returns:
             bank (n, D) float16, source (n,) image index of each entry, and the (len(held), h*w, D)
             float16 patches of the `held` images.
         """
-        device = self.device_
         block, filled, start, picks, sources, held_patches = None, 0, 0, [], [], []
         held_set = set(held.tolist())
         for feats in self._feature_batches(images, "fit features"):
             emb = self._embed(feats).to(torch.float16)  # (B, h, w, D)
             if block is None:
                 self.grid_ = tuple(emb.shape[1:3])
-                per_image = self.grid_[0] * self.grid_[1]
-                rows = len(images) if self.coreset_chunk is None else max(1, self.coreset_chunk // per_image)
-                block = torch.empty((min(rows, len(images)), per_image, emb.shape[-1]), dtype=torch.float16,
-                                    device=device)
+                rows = self.block_images(self.grid_[0] * self.grid_[1], len(images))
+                block = torch.empty((rows, emb.shape[1] * emb.shape[2], emb.shape[3]), dtype=torch.float16,
+                                    device=self.device_)
             emb = emb.reshape(emb.shape[0], -1, emb.shape[-1])
             for j in range(emb.shape[0]):
                 if start + filled + j in held_set:
@@ -135,10 +153,9 @@ class PatchCore(Detector, FeatureParams):
                 block[filled : filled + n] = emb[taken : taken + n]
                 filled, taken = filled + n, taken + n
                 if filled == block.shape[0] or start + filled == len(images):
-                    flat = block[:filled].reshape(-1, block.shape[-1])
-                    keep = self._subsample(flat)
-                    picks.append(flat[keep])
-                    sources.append(keep.div(per_image, rounding_mode="floor").to(device) + start)
+                    bank, source = self.block_bank(block[:filled], start)
+                    picks.append(bank)
+                    sources.append(source)
                     start, filled = start + filled, 0
         return torch.cat(picks), torch.cat(sources), torch.stack(held_patches)
 
