@@ -155,3 +155,19 @@ def test_fuzzed_parameters_give_a_model_or_one_clear_error(tmp_path, small_model
         assert det.get_params()["image_size"] <= MAX_IMAGE_SIZE
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 500, f"loading grew the peak memory by {grown_mb:.0f} MB"
+
+
+def test_signed_models(tmp_path, small_model):
+    det = load(small_model)
+    signed = det.save(tmp_path / "signed.anomap", key=b"secret")
+    assert load(signed, key=b"secret").get_params() == det.get_params()
+    assert load(signed).threshold_ == det.threshold_  # without a key it loads as any model
+    for path, key in ((signed, b"other"), (small_model, b"secret")):
+        with pytest.raises(ModelFileError, match="not signed with this key"):
+            load(path, key=key)
+    meta, tensors = read_model_file(signed)  # edited and re-checksummed by someone without the key
+    meta["params"] = json.dumps({**json.loads(meta["params"]), "k": 3})
+    edited = write_model_file(tmp_path / "edited.anomap", tensors, {k: v for k, v in meta.items() if k != "sha256"})
+    assert load(edited).k == 3
+    with pytest.raises(ModelFileError, match="not signed with this key"):
+        load(edited, key=b"secret")

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from anomap import PatchCore
+from conftest import assert_close_scaled
+
+from anomap import PatchCore, load
 from anomap.data import MVTecAD, load_image, load_masks
 from anomap.errors import AnomapError
 from anomap.metrics import image_auroc
@@ -120,16 +122,35 @@ def test_cuda_matches_cpu(toy, fitted):
     assert np.corrcoef(a.scores, b.scores)[0, 1] > 0.99
 
 
-def test_faiss_backend_gives_the_same_scores(fitted, toy):
-    pytest.importorskip("faiss")
-    plain = fitted.predict(toy.test)
-    fitted.nn_backend = "faiss"
-    try:
-        viaf = fitted.predict(toy.test)
-    finally:
-        fitted.nn_backend = "torch"
-    np.testing.assert_allclose(viaf.scores, plain.scores, rtol=1e-4)
-    np.testing.assert_allclose(viaf.maps, plain.maps, rtol=1e-3, atol=1e-4)
+@pytest.mark.parametrize("search", ["faiss", "ivf"])
+def test_other_searches_give_the_exact_scores(fitted, toy, search):
+    """The faiss flat index is exact; the IVF index is exact when it visits every cell."""
+    det = PatchCore(**{**fitted.get_params(), "search": search, "ivf_probe": 100_000}).fit(toy.train)
+    exact = PatchCore(**{**fitted.get_params(), "search": "exact"}).fit(toy.train)
+    assert torch.equal(det.memory_bank_, exact.memory_bank_)
+    assert_close_scaled(det.normal_scores_, exact.normal_scores_)  # the leave-out threshold too
+    a, b = det.predict(toy.test), exact.predict(toy.test)
+    assert_close_scaled(a.scores, b.scores)
+    assert_close_scaled(a.maps, b.maps)
+
+
+def test_ivf_search_is_approximate_with_exact_image_scores(toy, tmp_path):
+    params = dict(backbone="efficientnet_lite0", image_size=128, device="cpu", sampler="none")
+    ivf = PatchCore(**params, search="ivf", ivf_probe=1).fit(toy.train)
+    exact = PatchCore(**params, search="exact").fit(toy.train)
+    assert ivf.ivf_centroids_.shape[0] > 1
+    a, b = ivf.predict(toy.test), exact.predict(toy.test)
+    assert (a.maps >= b.maps - 1e-4 * np.abs(b.maps).max()).all()  # a miss only overestimates
+    assert_close_scaled(a.scores, b.scores)  # each image's highest patches are re-measured exactly
+    restored = load(ivf.save(tmp_path / "ivf.anomap"))
+    assert torch.equal(restored.ivf_centroids_, ivf.ivf_centroids_)
+    np.testing.assert_array_equal(restored.predict(toy.test).maps, a.maps)
+
+
+def test_auto_search_switches_to_ivf_on_large_banks(fitted, monkeypatch):
+    assert fitted._search_kind() == "exact"
+    monkeypatch.setattr("anomap.detectors.patchcore.IVF_MIN_BANK", len(fitted.memory_bank_))
+    assert fitted._search_kind() == "ivf"
 
 
 def test_chunked_bank_is_the_union_of_per_block_coresets(toy):

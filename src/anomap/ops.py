@@ -273,24 +273,6 @@ def knn_half(queries: torch.Tensor, hb: HalfBank, k: int = 1) -> torch.Tensor:
     return torch.cat(dists)
 
 
-def faiss_index(bank: torch.Tensor):
-    """An exact L2 faiss index over (K, D) bank entries (faiss-cpu; the bank is copied to CPU)."""
-    try:
-        import faiss
-    except ImportError:
-        raise AnomapError("nn_backend='faiss' needs faiss: pip install 'anomap[faiss]'") from None
-    index = faiss.IndexFlatL2(bank.shape[1])
-    index.add(np.ascontiguousarray(bank.detach().cpu().numpy(), dtype=np.float32))
-    return index
-
-
-def faiss_knn(index, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Like `knn`, through a faiss index: distances (M, k) ascending, indices (M, k) int64."""
-    d2, idx = index.search(np.ascontiguousarray(queries.detach().cpu().numpy(), dtype=np.float32), k)
-    dist = torch.from_numpy(d2).clamp_(min=0).sqrt_()
-    return dist.to(queries.device), torch.from_numpy(idx).to(queries.device)
-
-
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, H, W) maps, kernel radius 4 sigma, reflected borders."""
     if sigma <= 0:

@@ -168,10 +168,11 @@ class Detector:
         if not getattr(self, "fitted_", False):
             raise AnomapError(f"this {type(self).__name__} is not fitted yet: call fit(images) first")
 
-    def save(self, path: str | Path) -> Path:
-        """Write the fitted detector to one file (atomically). Returns the path."""
+    def save(self, path: str | Path, key: bytes | None = None) -> Path:
+        """Write the fitted detector to one file (atomically), signed when a `key` is given (see
+        `load`). Returns the path."""
         self._check_fitted()
-        return model_file.save(self, path)
+        return model_file.save(self, path, key)
 
 
 def expect_shape(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int | None, ...]) -> torch.Tensor:

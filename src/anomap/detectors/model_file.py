@@ -10,6 +10,7 @@ parameters before a network or buffer is built.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import struct
 from pathlib import Path
@@ -30,8 +31,9 @@ FORMAT_VERSION = 4  # 2: checksummed metadata; 3: zero-padded 3x3 patch averages
 REGISTRY: dict[str, Any] = {}  # method name -> detector class
 
 
-def save(det, path: str | Path) -> Path:
-    """Write a fitted detector's parameters and learned state to `path`, atomically."""
+def save(det, path: str | Path, key: bytes | None = None) -> Path:
+    """Write a fitted detector's parameters and learned state to `path`, atomically; with a
+    `key`, also an HMAC-SHA256 signature that `load(path, key=...)` verifies."""
     tensors, state = det._get_state()
     tensors = {**tensors, "normal_scores": torch.from_numpy(det.normal_scores_)}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -46,13 +48,16 @@ def save(det, path: str | Path) -> Path:
         "params": _dumps(det.get_params()),
         "state": _dumps({**state, "threshold": det.threshold_}),
     }
-    return write_model_file(path, tensors, meta)
+    return write_model_file(path, tensors, meta, key)
 
 
-def write_model_file(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
-    """Write tensors and metadata (str -> str) atomically, adding the `sha256` checksum."""
+def write_model_file(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                     key: bytes | None = None) -> Path:
+    """Write tensors and metadata (str -> str) atomically, adding the `sha256` checksum and, with
+    a `key`, the `signature`."""
     path = Path(path)
-    meta = {**meta, "sha256": _digest(tensors, meta)}
+    digest = _digest(tensors, meta)
+    meta = {**meta, "sha256": digest} | ({"signature": _sign(key, digest)} if key else {})
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
         _sort_header(tmp)
@@ -73,7 +78,7 @@ def _sort_header(path: Path) -> None:
         fh.write(header)
 
 
-def load(path: str | Path, *, device: str | None = None):
+def load(path: str | Path, *, device: str | None = None, key: bytes | None = None):
     """Restore a detector saved with `Detector.save`.
 
     Every parameter is checked against its declaration and every stored tensor's shape against
@@ -82,8 +87,11 @@ def load(path: str | Path, *, device: str | None = None):
     Args:
         path: the model file.
         device: overrides the saved `device` parameter (e.g. "cpu" for a model fitted on a GPU).
+        key: when given, the file must carry a signature made with this key (see `save`).
     """
     meta, tensors = read_model_file(path)
+    if key is not None and not hmac.compare_digest(meta.get("signature", ""), _sign(key, meta["sha256"])):
+        raise ModelFileError(f"{path}: not signed with this key (missing or wrong signature); refusing to load it")
     method = meta["method"]
     if method not in REGISTRY:
         raise ModelFileError(f"{path}: unknown method {short(method)}; known: {', '.join(sorted(REGISTRY))}")
@@ -168,10 +176,17 @@ def read_model_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch.T
     return meta, tensors
 
 
+def _sign(key: bytes, digest: str) -> str:
+    """HMAC-SHA256 of a file's content digest: only a holder of `key` can make it."""
+    return hmac.new(key, digest.encode(), hashlib.sha256).hexdigest()
+
+
 def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
-    """SHA-256 over the metadata except `sha256`, then tensor names, dtypes, shapes and bytes."""
+    """SHA-256 over the metadata except `sha256` and `signature`, then tensor names, dtypes,
+    shapes and bytes."""
     h = hashlib.sha256()
-    h.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
+    h.update(json.dumps({k: v for k, v in meta.items() if k not in ("sha256", "signature")},
+                        sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous().reshape(-1)
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

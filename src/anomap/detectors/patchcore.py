@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import ann
 from ..backbones import layer_info
 from ..encoder import FeatureParams
 from ..errors import AnomapError
@@ -37,8 +38,6 @@ from ..ops import (
     PRECISIONS,
     HalfBank,
     align_concat,
-    faiss_index,
-    faiss_knn,
     gaussian_blur,
     greedy_coreset,
     half_bank,
@@ -52,8 +51,9 @@ from ..params import BLUR_SIGMA, THRESHOLD_IMAGES, Bool, Choice, Float, Int, May
 from .base import Detector, expect_shape, state_grid
 
 SAMPLERS = ("coreset", "random", "none")
-NN_BACKENDS = ("torch", "faiss")
-RECHECK = 8  # highest patches per image re-measured in float32 when searching in half precision
+SEARCHES = ("auto", "exact", "faiss", "ivf")
+IVF_MIN_BANK = 50_000  # search="auto" uses the IVF index from this many bank entries on
+RECHECK = 8  # highest patches per image re-measured exactly after an approximate search
 
 
 @dataclass(kw_only=True, repr=False, eq=False)
@@ -70,13 +70,14 @@ class PatchCore(Detector, FeatureParams):
     sampler: str = param("coreset", Choice(SAMPLERS), "coreset (greedy k-center), random (seeded fraction) "
                          "or none (all patches)")
     coreset_ratio: float = param(0.1, Float(0, 1, open_lo=True), "fraction of patches kept in the memory bank")
-    coreset_chunk: int | None = param(250_000, Maybe(Int(1, 10**9)), "at most this many patches per sampler "
+    coreset_chunk: int | None = param(100_000, Maybe(Int(1, 10**9)), "at most this many patches per sampler "
                                       "block (null: one block)")
     project_dim: int = param(128, Int(1, 65536), "dimension of the random projection the coreset distances "
                              "are measured on")
     k: int = param(1, Int(1, 1000), "nearest memory bank entries averaged into a patch score")
-    nn_backend: str = param("torch", Choice(NN_BACKENDS), "torch (exact, chunked, CPU or CUDA) or faiss "
-                            "(exact flat index, CPU)")
+    search: str = param("auto", Choice(SEARCHES), "exact (chunked, CPU or CUDA), faiss (exact flat index, "
+                        f"CPU), ivf (approximate, sublinear), or auto: ivf on CPU from {IVF_MIN_BANK} bank entries on")
+    ivf_probe: int = param(16, Int(1, 100_000), "IVF cells visited per query (more: closer to exact)")
     reweight: bool = param(False, Bool(), "apply the paper's Eq. 7 reweighting to the image score")
     reweight_neighbors: int = param(9, Int(1, 1000), "bank neighbourhood size used by the reweighting")
     blur_sigma: float = param(4.0, BLUR_SIGMA, "Gaussian blur of the anomaly map, in pixels")
@@ -124,7 +125,7 @@ class PatchCore(Detector, FeatureParams):
         """Keep the joined block picks (n, D) as the memory bank; return the leave-out scores of the
         `held` images, whose (len(held), P, D) patches are given (`grid_` must be set)."""
         self.memory_bank_ = picks.to(torch.float32)
-        self._index = self._half_bank = None
+        self._index = self._half_bank = self.ivf_centroids_ = None
         return self._leave_out_scores(held_patches, held.tolist(), sources)
 
     def _stream_bank(self, images, held: torch.Tensor):
@@ -172,43 +173,65 @@ class PatchCore(Detector, FeatureParams):
 
     def _leave_out_scores(self, patches: torch.Tensor, held: list[int], source: torch.Tensor) -> np.ndarray:
         """Image scores of the held training images (patches (H, P, D), indices `held`), each
-        against the bank without its own entries."""
+        against the bank without its own entries (a contiguous range: blocks keep image order)."""
         scores = []
         for i, q in zip(tqdm(held, desc="threshold", unit="img", disable=None), patches):
-            exclude = source == i
-            if bool(exclude.all()):
+            own = (int(torch.searchsorted(source, i)), int(torch.searchsorted(source, i, right=True)))
+            if own[1] - own[0] == len(source):
                 raise AnomapError("the threshold needs at least two training images")
-            scores.append(self._score(q[None].float(), exclude)[0])
+            scores.append(self._score(q[None].float(), own)[0])
         return torch.cat(scores).cpu().numpy()
 
-    def _score(self, q: torch.Tensor, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, P, D) patches -> image scores (B,), patch scores (B, P)."""
+    def _search_kind(self) -> str:
+        """The search in use: `search`, with "auto" resolved by the device and the bank size (a GPU
+        searches any bank exactly faster than faiss on the host could approximately)."""
+        if self.search != "auto":
+            return self.search
+        large = self.memory_bank_.shape[0] >= IVF_MIN_BANK
+        return "ivf" if large and self.memory_bank_.device.type == "cpu" else "exact"
+
+    def _knn(self, q: torch.Tensor, k: int, own: tuple[int, int] | None) -> tuple[torch.Tensor, bool]:
+        """(M, D) queries -> distances (M, k) to the bank without rows `own`, and whether they
+        are approximate."""
+        kind = self._search_kind()
+        if kind == "ivf":
+            return ann.search(self._ivf(), q, k, self.ivf_probe, own)[0], True
+        if kind == "faiss":
+            return ann.search(self._flat(), q, k, exclude=own)[0], False
+        if self.precision != "fp32" and own is None:
+            return knn_half(q, self._half(), k), True
+        return knn(q, self.memory_bank_, k, exclude=self._mask(own))[0], False
+
+    def _mask(self, own: tuple[int, int] | None) -> torch.Tensor | None:
+        """(K,) bool, True on the bank rows `own`; None for none."""
+        if own is None:
+            return None
+        mask = torch.zeros(self.memory_bank_.shape[0], dtype=torch.bool, device=self.memory_bank_.device)
+        mask[own[0] : own[1]] = True
+        return mask
+
+    def _score(self, q: torch.Tensor, own: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, P, D) patches -> image scores (B,), patch scores (B, P); `own`: bank rows left out."""
         b, p, d = q.shape
         k = min(self.k, self.memory_bank_.shape[0])
-        approximate = self.nn_backend == "torch" and self.precision != "fp32" and exclude is None
-        if self.nn_backend == "faiss" and exclude is None:
-            dist = faiss_knn(self._faiss_index(), q.reshape(-1, d), k)[0]
-        elif approximate:
-            dist = knn_half(q.reshape(-1, d), self._half(), k)
-        else:
-            dist = knn(q.reshape(-1, d), self.memory_bank_, k, exclude=exclude)[0]
+        dist, approximate = self._knn(q.reshape(-1, d), k, own)
         patch = dist.mean(1).reshape(b, p)
         if approximate:
-            patch = self._recheck(q, patch, k)
+            patch = self._recheck(q, patch, k, own)
         top = patch.argmax(1)  # (B,) the most anomalous patch of each image
         image = patch.gather(1, top[:, None]).squeeze(1)
         if self.reweight:
             worst = q[torch.arange(b), top]
-            nearest = knn(worst, self.memory_bank_, 1, exclude=exclude)[1][:, 0]
+            nearest = knn(worst, self.memory_bank_, 1, exclude=self._mask(own))[1][:, 0]
             image = image * self._reweight(worst, nearest)
         return image, patch
 
-    def _recheck(self, q: torch.Tensor, patch: torch.Tensor, k: int) -> torch.Tensor:
+    def _recheck(self, q: torch.Tensor, patch: torch.Tensor, k: int, own: tuple[int, int] | None) -> torch.Tensor:
         """Re-measure each image's `RECHECK` highest approximate patch scores exactly, in float32,
         so that image scores are exact."""
         top = patch.topk(min(RECHECK, patch.shape[1]), dim=1).indices  # (B, m)
         worst = q.gather(1, top[..., None].expand(-1, -1, q.shape[2])).reshape(-1, q.shape[2])
-        exact = knn(worst, self.memory_bank_, k)[0].mean(1).reshape(top.shape)
+        exact = knn(worst, self.memory_bank_, k, exclude=self._mask(own))[0].mean(1).reshape(top.shape)
         return patch.scatter(1, top, exact)
 
     def _half(self) -> HalfBank:
@@ -217,10 +240,20 @@ class PatchCore(Detector, FeatureParams):
             self._half_bank = half_bank(self.memory_bank_, half_dtype(self.precision))
         return self._half_bank
 
-    def _faiss_index(self):
-        """The faiss index of the memory bank, built on first use."""
+    def _flat(self):
+        """The exact faiss index of the memory bank, built on first use."""
         if getattr(self, "_index", None) is None:
-            self._index = faiss_index(self.memory_bank_)
+            self._index = ann.flat_index(self.memory_bank_)
+        return self._index
+
+    def _ivf(self):
+        """The IVF index of the memory bank, built on first use from the stored centroids (seeded
+        k-means on the bank when there are none yet)."""
+        if getattr(self, "_index", None) is None:
+            if getattr(self, "ivf_centroids_", None) is None:
+                nlist = ann.cells(self.memory_bank_.shape[0])
+                self.ivf_centroids_ = ann.ivf_centroids(self.memory_bank_, nlist, self.seed)
+            self._index = ann.ivf_index(self.memory_bank_, self.ivf_centroids_)
         return self._index
 
     def _reweight(self, worst: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
@@ -237,13 +270,21 @@ class PatchCore(Detector, FeatureParams):
         return image, gaussian_blur(upsample(patch.reshape(b, h, w), self.encoder_.size), self.blur_sigma)
 
     def _get_state(self):
-        return {"memory_bank": self.memory_bank_}, {"grid": list(self.grid_)}
+        tensors = {"memory_bank": self.memory_bank_}
+        if getattr(self, "ivf_centroids_", None) is not None:
+            tensors["ivf_centroids"] = self.ivf_centroids_
+        return tensors, {"grid": list(self.grid_)}
 
     def _check_state(self, tensors, state) -> None:
-        expect_shape(tensors, "memory_bank", (None, self._embedding_dim()))
+        bank = expect_shape(tensors, "memory_bank", (None, self._embedding_dim()))
+        if "ivf_centroids" in tensors:
+            centroids = expect_shape(tensors, "ivf_centroids", (None, bank.shape[1]))
+            if centroids.shape[0] > bank.shape[0]:
+                raise ValueError(f"{centroids.shape[0]} IVF centroids for {bank.shape[0]} bank entries")
         state_grid(state, self.image_size)
 
     def _set_state(self, tensors, state) -> None:
         self.memory_bank_ = tensors["memory_bank"].to(self.device_, torch.float32)
+        self.ivf_centroids_ = tensors.get("ivf_centroids")
         self._index = self._half_bank = None
         self.grid_ = state_grid(state, self.image_size)
