@@ -138,11 +138,11 @@ def test_nan_never_saved(tmp_path):
 VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=20), st.lists(st.one_of(st.integers(-5, 5), st.text(max_size=8)), max_size=4),
-    st.sampled_from(["layer1", "layer2", "cpu", "cuda", "coreset", "random", "fp16"]),
+    st.sampled_from(["layer1", "layer2", "cpu", "cuda", "coreset", "random", "fp16", "/no/such/weights.pth"]),
 )
 
 
-@settings(max_examples=120, deadline=None, database=None,
+@settings(max_examples=120, deadline=None, database=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(edits=st.dictionaries(st.sampled_from(sorted(declared(PatchCore))), VALUES, min_size=1, max_size=3))
 def test_fuzzed_parameters_give_a_model_or_one_clear_error(tmp_path, small_model, edits):

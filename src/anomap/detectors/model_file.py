@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from .. import __version__
 from .._io import atomic_path
-from ..errors import ModelFileError, ParamError, ScoreError
+from ..errors import BackboneError, ModelFileError, ParamError, ScoreError
 from ..params import declared
 
 FORMAT = "anomap"
@@ -117,6 +117,8 @@ def load(path: str | Path, *, device: str | None = None, key: bytes | None = Non
         det._check_state(tensors, state)
         det._setup()
         det._set_state(tensors, state)
+    except BackboneError as err:
+        raise ModelFileError(f"{path}: {err}") from None
     except (TypeError, KeyError, ValueError, IndexError) as err:
         raise ModelFileError(f"{path}: model contents do not match method {method!r} ({short(err)})") from None
     det.normal_scores_ = normal.float().numpy()
