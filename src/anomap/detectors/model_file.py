@@ -92,24 +92,34 @@ def load(path: str | Path, *, device: str | None = None, key: bytes | None = Non
     meta, tensors = read_model_file(path)
     if key is not None and not hmac.compare_digest(meta.get("signature", ""), _sign(key, meta["sha256"])):
         raise ModelFileError(f"{path}: not signed with this key (missing or wrong signature); refusing to load it")
-    method = meta["method"]
-    if method not in REGISTRY:
-        raise ModelFileError(f"{path}: unknown method {short(method)}; known: {', '.join(sorted(REGISTRY))}")
-    params, state = (_json_object(path, meta, key) for key in ("params", "state"))
+    params, state = (_json_object(path, meta, name) for name in ("params", "state"))
     threshold = state.pop("threshold", None)
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not np.isfinite(threshold)):
         raise ModelFileError(f"{path}: damaged metadata (threshold {short(threshold)} is not a finite number)")
-    if device is not None:
-        params["device"] = device
-    cls = REGISTRY[method]
-    unknown = sorted(set(params) - set(declared(cls)))
+    det = _built(path, meta["method"], params if device is None else {**params, "device": device})
+    _restore(path, det, tensors, state)
+    if threshold is not None:
+        det.set_threshold(threshold)
+    det.fitted_ = True
+    return det
+
+
+def _built(path, method: str, params: dict):
+    """The detector of `method` with these parameters, each checked against its declaration."""
+    if method not in REGISTRY:
+        raise ModelFileError(f"{path}: unknown method {short(method)}; known: {', '.join(sorted(REGISTRY))}")
+    unknown = sorted(set(params) - set(declared(REGISTRY[method])))
     if unknown:
         raise ModelFileError(f"{path}: unknown parameters for method {method!r}: {short(', '.join(unknown))}")
     try:
-        det = cls(**params)
+        return REGISTRY[method](**params)
     except ParamError as err:
         raise ModelFileError(f"{path}: {err}") from None
+
+
+def _restore(path, det, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """Check the stored tensors and state against the parameters, then build the learned state."""
     normal = tensors.pop("normal_scores", None)
     if normal is None or normal.ndim != 1 or normal.numel() < 1 or not normal.is_floating_point():
         raise ModelFileError(f"{path}: damaged model (normal_scores must be a non-empty float vector)")
@@ -120,12 +130,8 @@ def load(path: str | Path, *, device: str | None = None, key: bytes | None = Non
     except BackboneError as err:
         raise ModelFileError(f"{path}: {err}") from None
     except (TypeError, KeyError, ValueError, IndexError) as err:
-        raise ModelFileError(f"{path}: model contents do not match method {method!r} ({short(err)})") from None
+        raise ModelFileError(f"{path}: model contents do not match method {det.method!r} ({short(err)})") from None
     det.normal_scores_ = normal.float().numpy()
-    if threshold is not None:
-        det.set_threshold(threshold)
-    det.fitted_ = True
-    return det
 
 
 def _dumps(value: dict) -> str:
