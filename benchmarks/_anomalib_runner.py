@@ -32,8 +32,14 @@ LAYERS = {"patchcore": ["blocks.2", "blocks.4"], "padim": ["blocks.1", "blocks.2
 _STAGE_BLOCKS = (1, 2, 2, 3, 3, 4, 1)  # blocks per timm stage of EfficientNet-Lite0
 # EfficientNet-PyTorch block module names -> timm's, for the first block (no expansion) and the rest
 _FIRST = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_OTHERS = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-           "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_OTHERS = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 
 
 def timm_state_dict(source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,8 +75,13 @@ def build_model(a: argparse.Namespace):
     steps = [Resize((a.image_size, a.image_size), antialias=True)]
     steps += [CenterCrop((a.crop, a.crop))] if a.crop else []
     steps.append(Normalize(mean=a.mean, std=a.std))
-    common = {"backbone": BACKBONE, "layers": LAYERS[a.method], "pre_trained": False,
-              "pre_processor": PreProcessor(transform=Compose(steps)), "visualizer": False}
+    common = {
+        "backbone": BACKBONE,
+        "layers": LAYERS[a.method],
+        "pre_trained": False,
+        "pre_processor": PreProcessor(transform=Compose(steps)),
+        "visualizer": False,
+    }
     if a.method == "patchcore":
         model = Patchcore(coreset_sampling_ratio=a.coreset_ratio, **common)
     else:
@@ -87,10 +98,15 @@ def datamodule(root: Path, category: str):
     folder = root / category
     defects = sorted(p.name for p in (folder / "test").iterdir() if p.is_dir() and p.name != "good")
     has_masks = (folder / "ground_truth").is_dir()
-    return Folder(name=category, root=folder, normal_dir="train/good", normal_test_dir="test/good",
-                  abnormal_dir=[f"test/{d}" for d in defects],
-                  mask_dir=[f"ground_truth/{d}" for d in defects] if has_masks else None,
-                  val_split_mode="same_as_test")
+    return Folder(
+        name=category,
+        root=folder,
+        normal_dir="train/good",
+        normal_test_dir="test/good",
+        abnormal_dir=[f"test/{d}" for d in defects],
+        mask_dir=[f"ground_truth/{d}" for d in defects] if has_masks else None,
+        val_split_mode="same_as_test",
+    )
 
 
 def _timer_callback(marks: dict[str, float]):
@@ -150,8 +166,12 @@ def fit(a: argparse.Namespace) -> dict:
 
     model.model.register_forward_hook(keep_raw)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(accelerator="cpu", devices=1, default_root_dir=tmp,
-                        callbacks=[_timer_callback(marks), _outputs_callback(store)])
+        engine = Engine(
+            accelerator="cpu",
+            devices=1,
+            default_root_dir=tmp,
+            callbacks=[_timer_callback(marks), _outputs_callback(store)],
+        )
         data = datamodule(Path(a.data), a.category)
         start = time.perf_counter()
         engine.fit(model=model, datamodule=data)
@@ -161,15 +181,28 @@ def fit(a: argparse.Namespace) -> dict:
         results = engine.test(model=model, datamodule=data, verbose=False)
         predict_s = time.perf_counter() - start
     masks = torch.cat(store["masks"]).reshape(len(store["paths"]), *store["maps"][0].shape[-2:])
-    np.savez(a.out, scores=torch.cat(store["scores"]).numpy(), maps=torch.cat(store["maps"]).half().numpy(),
-             masks=masks.numpy(), labels=torch.cat(store["labels"]).numpy().astype(np.int8),
-             paths=np.array(store["paths"]))
-    parts = {"features_s": marks["val_start"] - marks["train_start"] - marks["memory_fit_s"],
-             "memory_fit_s": marks["memory_fit_s"], "validation_s": marks["val_end"] - marks["val_start"]}
+    np.savez(
+        a.out,
+        scores=torch.cat(store["scores"]).numpy(),
+        maps=torch.cat(store["maps"]).half().numpy(),
+        masks=masks.numpy(),
+        labels=torch.cat(store["labels"]).numpy().astype(np.int8),
+        paths=np.array(store["paths"]),
+    )
+    parts = {
+        "features_s": marks["val_start"] - marks["train_start"] - marks["memory_fit_s"],
+        "memory_fit_s": marks["memory_fit_s"],
+        "validation_s": marks["val_end"] - marks["val_start"],
+    }
     parts["other_s"] = fit_s - sum(parts.values())  # setup, data loading start, checkpoint
-    return {"fit_s": fit_s, "predict_s": predict_s, "n_test": len(store["paths"]),
-            "threads": torch.get_num_threads(), "own": {k: float(v) for k, v in results[0].items()},
-            "breakdown": parts}
+    return {
+        "fit_s": fit_s,
+        "predict_s": predict_s,
+        "n_test": len(store["paths"]),
+        "threads": torch.get_num_threads(),
+        "own": {k: float(v) for k, v in results[0].items()},
+        "breakdown": parts,
+    }
 
 
 def check(a: argparse.Namespace) -> dict:
@@ -182,9 +215,12 @@ def check(a: argparse.Namespace) -> dict:
     ref = np.load(a.reference)
     model = build_model(argparse.Namespace(**{**vars(a), "method": "padim"}))  # it has all 3 layers
     extractor = model.model.feature_extractor
-    result = {"anomalib_default_pre_processing": {
-        "patchcore": str(Patchcore.configure_pre_processor().transform),
-        "padim": str(Padim.configure_pre_processor().transform)}}
+    result = {
+        "anomalib_default_pre_processing": {
+            "patchcore": str(Patchcore.configure_pre_processor().transform),
+            "padim": str(Padim.configure_pre_processor().transform),
+        }
+    }
     steps = model.pre_processor.transform
     ours = torch.from_numpy(ref["input"])
     theirs = steps(read_image(str(ref["path"]), as_tensor=True)[None])
@@ -194,9 +230,12 @@ def check(a: argparse.Namespace) -> dict:
     for layer, name in zip(LAYERS["padim"], ref["layers"].tolist()):
         expected = torch.from_numpy(ref[name])
         diff = (on_theirs[layer] - expected).abs()
-        result[f"{name}={layer}"] = {"same_input": float((on_ours[layer] - expected).abs().max()),
-                                     "end_to_end": float(diff.max()), "end_to_end_mean": float(diff.mean()),
-                                     "scale": float(expected.abs().max())}
+        result[f"{name}={layer}"] = {
+            "same_input": float((on_ours[layer] - expected).abs().max()),
+            "end_to_end": float(diff.max()),
+            "end_to_end_mean": float(diff.mean()),
+            "scale": float(expected.abs().max()),
+        }
     return result
 
 
@@ -216,15 +255,20 @@ def metrics(paths: list[str]) -> dict:
     out = {}
     for path in paths:
         run = np.load(path)
-        found = {"image_auroc": AUROC(fields=["pred_score", "gt_label"]),
-                 "pixel_auroc": AUROC(fields=["anomaly_map", "gt_mask"]),
-                 "aupro": AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)}
+        found = {
+            "image_auroc": AUROC(fields=["pred_score", "gt_label"]),
+            "pixel_auroc": AUROC(fields=["anomaly_map", "gt_mask"]),
+            "aupro": AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3),
+        }
         scores, maps = _unit(run["scores"]), _unit(run["maps"])
         for start in range(0, len(scores), 8):
             part = slice(start, start + 8)
-            batch = SimpleNamespace(pred_score=scores[part], anomaly_map=maps[part],
-                                    gt_label=torch.from_numpy(run["labels"][part].astype(np.int64)),
-                                    gt_mask=torch.from_numpy(run["masks"][part]))
+            batch = SimpleNamespace(
+                pred_score=scores[part],
+                anomaly_map=maps[part],
+                gt_label=torch.from_numpy(run["labels"][part].astype(np.int64)),
+                gt_mask=torch.from_numpy(run["masks"][part]),
+            )
             for metric in found.values():
                 metric.update(batch)
         out[path] = {name: float(metric.compute()) for name, metric in found.items()}

@@ -49,14 +49,19 @@ def peak_rss_gb() -> float:
 
 def timed(phases: dict, name: str, fn):
     """Wrap `fn` so that its run time accumulates in phases[name]."""
+
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
             return fn(*args, **kwargs)
         finally:
             phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
-            print(f"{name} done: {phases[name]:.1f} s in all, peak RSS {peak_rss_gb():.2f} GB",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{name} done: {phases[name]:.1f} s in all, peak RSS {peak_rss_gb():.2f} GB",
+                file=sys.stderr,
+                flush=True,
+            )
+
     return wrapper
 
 
@@ -77,10 +82,17 @@ def main() -> None:
 
     paths = synthetic_images(Path(args.cache) / str(args.image_size), args.images, args.image_size)
     base_rss = peak_rss_gb()
-    det = PatchCore(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
-                    coreset_ratio=args.coreset_ratio, sampler=args.sampler, device=args.device,
-                    coreset_chunk=args.coreset_chunk, threshold_images=args.threshold_images,
-                    batch_size=args.batch_size)
+    det = PatchCore(
+        backbone=args.backbone,
+        weights=args.weights,
+        image_size=args.image_size,
+        coreset_ratio=args.coreset_ratio,
+        sampler=args.sampler,
+        device=args.device,
+        coreset_chunk=args.coreset_chunk,
+        threshold_images=args.threshold_images,
+        batch_size=args.batch_size,
+    )
     phases: dict[str, float] = {}
     det._subsample = timed(phases, "sampler_s", det._subsample)
     det._leave_out_scores = timed(phases, "threshold_s", det._leave_out_scores)

@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -46,7 +45,9 @@ def textures(n: int, size: int, seed: int, device: str, blobs: bool = False) -> 
     if blobs:
         yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
         for i in range(1, n, 2):
-            cy, cx, r = torch.randint(20, size - 20, (2,), generator=gen).tolist() + [int(torch.randint(4, 16, (1,), generator=gen))]
+            cy, cx, r = torch.randint(20, size - 20, (2,), generator=gen).tolist() + [
+                int(torch.randint(4, 16, (1,), generator=gen))
+            ]
             disc = ((yy - cy) ** 2 + (xx - cx) ** 2) < r * r
             x[i, :, disc] += 3.0 if i % 4 == 1 else -3.0
     return x.clamp_(-2.5, 2.5).to(device)
@@ -110,8 +111,13 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     dev = args.device
     base = dict(backbone=args.backbone, weights="random", image_size=args.size, device=dev, coreset_ratio=0.1)
-    res: dict = {"device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu",
-                 "torch": torch.__version__, "backbone": args.backbone, "size": args.size, "batch": args.batch}
+    res: dict = {
+        "device": torch.cuda.get_device_name() if dev.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "backbone": args.backbone,
+        "size": args.size,
+        "batch": args.batch,
+    }
 
     det = PatchCore(**base, batch_size=64).fit(textures(args.bank_images, args.size, 0, dev))
     res["bank"] = det.memory_bank_.shape[0]
@@ -126,20 +132,27 @@ def main() -> None:
         if reference is None:
             reference = scores
         res[f"rank_corr_{precision}"] = float(spearmanr(reference, scores).statistic)
-        print(f"{precision}: {res[f'model_img_s_{precision}']:.0f} img/s (backbone alone "
-              f"{res[f'backbone_img_s_{precision}']:.0f} img/s), rank corr with fp32 "
-              f"{res[f'rank_corr_{precision}']:.5f}", flush=True)
+        print(
+            f"{precision}: {res[f'model_img_s_{precision}']:.0f} img/s (backbone alone "
+            f"{res[f'backbone_img_s_{precision}']:.0f} img/s), rank corr with fp32 "
+            f"{res[f'rank_corr_{precision}']:.5f}",
+            flush=True,
+        )
 
     fit_images = textures(args.fit_images, args.size, 3, dev)
     for precision in ("fp32", "fp16"):
         params = dict(base, precision=precision, batch_size=128)
         res[f"fit_s_{precision}"] = timed_fit(dict(params, threshold_images=1), fit_images, dev)
         res[f"fit_s_{precision}_with_threshold"] = timed_fit(params, fit_images, dev)
-        res[f"fit_s_{precision}_random_sampler"] = timed_fit(dict(params, threshold_images=1, sampler="random"),
-                                                          fit_images, dev)
-        print(f"fit {args.fit_images} images {precision}: features + coreset {res[f'fit_s_{precision}']:.1f} s "
-              f"(features + random sampler {res[f'fit_s_{precision}_random_sampler']:.1f} s), "
-              f"with the 200-image threshold {res[f'fit_s_{precision}_with_threshold']:.1f} s", flush=True)
+        res[f"fit_s_{precision}_random_sampler"] = timed_fit(
+            dict(params, threshold_images=1, sampler="random"), fit_images, dev
+        )
+        print(
+            f"fit {args.fit_images} images {precision}: features + coreset {res[f'fit_s_{precision}']:.1f} s "
+            f"(features + random sampler {res[f'fit_s_{precision}_random_sampler']:.1f} s), "
+            f"with the 200-image threshold {res[f'fit_s_{precision}_with_threshold']:.1f} s",
+            flush=True,
+        )
     del fit_images
 
     set_precision(det, "fp16")
@@ -157,8 +170,11 @@ def main() -> None:
         start = time.perf_counter()
         det.predict(paths)
         res["end_to_end_img_s"] = len(paths) / (time.perf_counter() - start)
-    print(f"from PNG files: decoding alone {res['decode_img_s']:.0f} img/s, predict end to end "
-          f"{res['end_to_end_img_s']:.0f} img/s", flush=True)
+    print(
+        f"from PNG files: decoding alone {res['decode_img_s']:.0f} img/s, predict end to end "
+        f"{res['end_to_end_img_s']:.0f} img/s",
+        flush=True,
+    )
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from anomap import create, methods
-from anomap.detectors import REGISTRY
 from anomap._io import write_text
 from anomap.data import MVTecAD, load_masks
+from anomap.detectors import REGISTRY
 from anomap.metrics import evaluate
 
 CATEGORIES = ("glass_fabric", "magnetic_tile", "hazelnut_toy")
@@ -57,7 +57,9 @@ def run(data: MVTecAD, method: str, params: dict, device: str) -> dict:
     masks = load_masks(data.test, det.preprocess_)
     result = evaluate(labels, pred.scores, det.threshold_, masks=masks, maps=pred.maps)
     return {key: result[key] for key in ("image_auroc", "pixel_auroc", "aupro")} | {
-        "fit_s": fit_s, "predict_ms": predict_ms}
+        "fit_s": fit_s,
+        "predict_ms": predict_ms,
+    }
 
 
 def markdown(rows: list[dict]) -> str:

@@ -53,14 +53,18 @@ def main() -> None:
     parser.add_argument("--images", type=int, nargs="+", default=[250, 500, 1000])
     args = parser.parse_args()
     context = multiprocessing.get_context("spawn")
-    print(f"{'metric':<12} {'images':>6} {'pixels':>11} {'value':>8} {'seconds':>8} "
-          f"{'data MiB':>9} {'peak MiB':>9} {'metric MiB':>10}")
+    print(
+        f"{'metric':<12} {'images':>6} {'pixels':>11} {'value':>8} {'seconds':>8} "
+        f"{'data MiB':>9} {'peak MiB':>9} {'metric MiB':>10}"
+    )
     for n_images in args.images:
         for metric in METRICS:
             with context.Pool(1) as pool:
                 value, seconds, data_rss, peak = pool.apply(measure, (metric, n_images))
-            print(f"{metric:<12} {n_images:>6} {n_images * 256 * 256:>11} {value:>8.4f} "
-                  f"{seconds:>8.2f} {data_rss:>9.0f} {peak:>9.0f} {peak - data_rss:>10.0f}")
+            print(
+                f"{metric:<12} {n_images:>6} {n_images * 256 * 256:>11} {value:>8.4f} "
+                f"{seconds:>8.2f} {data_rss:>9.0f} {peak:>9.0f} {peak - data_rss:>10.0f}"
+            )
             sys.stdout.flush()
 
 

@@ -47,12 +47,20 @@ def run_one(root: str, category: str, setting: str, backbone: str, image_size: i
         pred = det.predict(data.test)
         ms = (time.perf_counter() - start) / len(data.test) * 1000
         m = metrics.evaluate(labels, pred.scores, det.threshold_, masks=masks, maps=pred.maps)
-        rows.append({
-            "category": category, "setting": setting, "reweight": reweight,
-            "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"],
-            "fit_s": fit_s, "predict_ms": ms, "bank": det.memory_bank_.shape[0],
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-        })
+        rows.append(
+            {
+                "category": category,
+                "setting": setting,
+                "reweight": reweight,
+                "image_auroc": m["image_auroc"],
+                "pixel_auroc": m["pixel_auroc"],
+                "aupro": m["aupro"],
+                "fit_s": fit_s,
+                "predict_ms": ms,
+                "bank": det.memory_bank_.shape[0],
+                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+            }
+        )
     return rows
 
 
@@ -76,13 +84,34 @@ def main() -> None:
     rows = []
     for category in args.categories.split(","):
         for setting in args.settings.split(","):
-            cmd = [sys.executable, __file__, "--data", args.data, "--backbone", args.backbone,
-                   "--image-size", str(args.image_size), "--one", category, setting]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--data",
+                args.data,
+                "--backbone",
+                args.backbone,
+                "--image-size",
+                str(args.image_size),
+                "--one",
+                category,
+                setting,
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows += json.loads(out.strip().splitlines()[-1])
             print(f"done {category} / {setting}", file=sys.stderr)
-    keys = ["category", "setting", "reweight", "image_auroc", "pixel_auroc", "aupro", "fit_s",
-            "predict_ms", "peak_rss_gb", "bank"]
+    keys = [
+        "category",
+        "setting",
+        "reweight",
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "fit_s",
+        "predict_ms",
+        "peak_rss_gb",
+        "bank",
+    ]
     print("command: " + " ".join(sys.argv))
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))

@@ -39,17 +39,24 @@ def run_one(args: argparse.Namespace, n: int) -> dict:
         data = MVTecAD(args.data, args.category)
         train = data.train[:n]
     params = dict(json.loads(p) for p in args.params)
-    det = PatchCore(backbone=args.backbone, weights=args.weights, image_size=args.image_size,
-                    device=args.device, **params)
+    det = PatchCore(
+        backbone=args.backbone, weights=args.weights, image_size=args.image_size, device=args.device, **params
+    )
     phases: dict[str, float] = {}
     det._subsample = timed(phases, "coreset_s", det._subsample)
     det._leave_out_scores = timed(phases, "threshold_s", det._leave_out_scores)
     start = time.perf_counter()
     det.fit(train)
     fit_s = time.perf_counter() - start
-    row = {"n": len(train), "fit_s": fit_s, "features_s": fit_s - sum(phases.values()), **phases,
-           "fit_ms_per_image": fit_s / len(train) * 1000, "bank": det.memory_bank_.shape[0],
-           "search": det._search_kind()}
+    row = {
+        "n": len(train),
+        "fit_s": fit_s,
+        "features_s": fit_s - sum(phases.values()),
+        **phases,
+        "fit_ms_per_image": fit_s / len(train) * 1000,
+        "bank": det.memory_bank_.shape[0],
+        "search": det._search_kind(),
+    }
     if data is not None:
         labels = np.array([s.label for s in data.test])
         masks = load_masks(data.test, det.preprocess_) if data.has_masks else None
@@ -74,8 +81,15 @@ def main() -> None:
     parser.add_argument("--weights", default="imagenet")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--param", dest="params", action="append", default=[], type=_param,
-                        metavar="KEY=VALUE", help="a PatchCore parameter (JSON value)")
+    parser.add_argument(
+        "--param",
+        dest="params",
+        action="append",
+        default=[],
+        type=_param,
+        metavar="KEY=VALUE",
+        help="a PatchCore parameter (JSON value)",
+    )
     parser.add_argument("--out", help="also write the rows as JSON here")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -104,8 +118,25 @@ def _param(text: str) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    keys = [k for k in ("n", "fit_s", "features_s", "coreset_s", "threshold_s", "fit_ms_per_image", "predict_ms",
-                        "peak_rss_gb", "bank", "search", "image_auroc", "pixel_auroc", "aupro") if k in rows[0]]
+    keys = [
+        k
+        for k in (
+            "n",
+            "fit_s",
+            "features_s",
+            "coreset_s",
+            "threshold_s",
+            "fit_ms_per_image",
+            "predict_ms",
+            "peak_rss_gb",
+            "bank",
+            "search",
+            "image_auroc",
+            "pixel_auroc",
+            "aupro",
+        )
+        if k in rows[0]
+    ]
     print("command: python " + " ".join(sys.argv))
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))

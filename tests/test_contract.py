@@ -25,6 +25,7 @@ QUICK = {
     "padim": {},
     "psfe": {},
     "global_knn": {},
+    "ensemble": {},
 }
 
 

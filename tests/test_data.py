@@ -102,8 +102,13 @@ def test_mvtec_without_ground_truth_has_no_masks(tmp_path):
     data = MVTecAD(tmp_path, "cat")
     assert not data.has_masks
     assert [(s.label, s.mask_path) for s in data.test] == [(1, None), (1, None), (0, None)]
-    assert describe(data.test) == {"total": 3, "normal": 1, "anomalous": 2, "with_mask": 0,
-                                   "defects": {"crack": 2, "good": 1}}
+    assert describe(data.test) == {
+        "total": 3,
+        "normal": 1,
+        "anomalous": 2,
+        "with_mask": 0,
+        "defects": {"crack": 2, "good": 1},
+    }
 
 
 def test_mvtec_ignores_hidden_and_non_image_files(tmp_path):
@@ -155,8 +160,12 @@ def test_image_folder_with_both_mask_names(tmp_path):
     _save(tmp_path / "gt" / "b.png", _square_mask(16, 16, slice(0, 1), slice(0, 1)))
     data = ImageFolder(good=tmp_path / "ok", anomalous=tmp_path / "scratch", masks=tmp_path / "gt")
     got = [(s.path.name, s.label, s.defect, s.mask_path and s.mask_path.name) for s in data.samples]
-    assert got == [("n0.png", 0, "good", None), ("n1.png", 0, "good", None),
-                   ("a.png", 1, "scratch", "a_mask.png"), ("b.bmp", 1, "scratch", "b.png")]
+    assert got == [
+        ("n0.png", 0, "good", None),
+        ("n1.png", 0, "good", None),
+        ("a.png", 1, "scratch", "a_mask.png"),
+        ("b.bmp", 1, "scratch", "b.png"),
+    ]
     assert [s.label for s in ImageFolder(anomalous=tmp_path / "scratch").samples] == [1, 1]
     _save(tmp_path / "gt" / "c_mask.png", _square_mask(16, 16, slice(0, 1), slice(0, 1)))
     with pytest.raises(DataError, match="c_mask.png"):
@@ -337,7 +346,7 @@ def test_mask_resize_stays_binary_and_aligned_with_image(pre, shape, rows, cols)
     mask = _square_mask(h, w, slice(20, 40), slice(col0, col0 + 20)) > 0
     out = pre.mask(mask)
     expected = np.zeros((pre.output_size,) * 2, bool)
-    expected[rows[0]:rows[1], cols[0]:cols[1]] = True
+    expected[rows[0] : rows[1], cols[0] : cols[1]] = True
     assert out.dtype == bool and (out == expected).all()
     image = pre.image(np.repeat(mask[:, :, None] * np.uint8(255), 3, axis=2))[0].numpy()
     assert image[out].min() > image[~out].max()

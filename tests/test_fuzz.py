@@ -17,12 +17,25 @@ from anomap.errors import AnomapError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # PIL on damaged TIFF tags
 
-FUZZ = settings(max_examples=60, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 # (numpy dtype, PIL mode it is written as, or None for PIL's choice)
-PIXEL_TYPES = [("uint8", None), ("uint16", None), ("int32", None), ("float32", None), ("bool", None),
-               ("uint8", "P"), ("uint8", "CMYK"), ("uint8", "LA"), ("uint8", "RGBA")]
+PIXEL_TYPES = [
+    ("uint8", None),
+    ("uint16", None),
+    ("int32", None),
+    ("float32", None),
+    ("bool", None),
+    ("uint8", "P"),
+    ("uint8", "CMYK"),
+    ("uint8", "LA"),
+    ("uint8", "RGBA"),
+]
 FORMATS = ["PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP"]
 ANOMAP_FORMATS = {"PNG", "JPEG", "BMP", "TIFF"}  # the decoders anomap runs; the others are refused
 
@@ -85,8 +98,12 @@ def test_random_bytes(tmp_path, data, suffix):
 
 
 @FUZZ
-@given(spec=arrays(), fmt=st.sampled_from(FORMATS), cut=st.one_of(st.none(), st.floats(0, 1)),
-       flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 7)), max_size=4))
+@given(
+    spec=arrays(),
+    fmt=st.sampled_from(FORMATS),
+    cut=st.one_of(st.none(), st.floats(0, 1)),
+    flips=st.lists(st.tuples(st.floats(0, 1), st.integers(0, 7)), max_size=4),
+)
 def test_written_images_then_damaged(tmp_path, spec, fmt, cut, flips):
     """Valid files of many pixel types, optionally truncated or with flipped bits."""
     data = _encoded(*spec, fmt)
@@ -133,8 +150,12 @@ def metric_inputs(draw):
     h, w = draw(st.integers(1, 5)), draw(st.integers(1, 5))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, draw(st.sampled_from([n, n + 1]))).astype(draw(st.sampled_from(["int64", "bool", "float64"])))
-    scores = rng.normal(size=draw(st.sampled_from([(n,), (n, 1), (n + 1,)]))).astype(draw(st.sampled_from(["float32", "float64"])))
+    labels = rng.integers(0, 2, draw(st.sampled_from([n, n + 1]))).astype(
+        draw(st.sampled_from(["int64", "bool", "float64"]))
+    )
+    scores = rng.normal(size=draw(st.sampled_from([(n,), (n, 1), (n + 1,)]))).astype(
+        draw(st.sampled_from(["float32", "float64"]))
+    )
     masks = rng.integers(0, draw(st.sampled_from([2, 3])), (n, h, w))
     maps = rng.normal(size=draw(st.sampled_from([(n, h, w), (n, w, h), (n, h)]))).astype(np.float32)
     for arr in (scores, maps):

@@ -9,17 +9,21 @@ import os
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
+import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_category, texture
 from PIL import Image
 
 from anomap.backbones import efficientnet_lite0_classifier
 from anomap.cli import main
+
+from conftest import make_category, patchcore_file, texture
 
 FAST = ["--backbone", "efficientnet_lite0", "--image-size", "128", "--device", "cpu"]
 
@@ -76,6 +80,7 @@ def read_csv(path: Path) -> list[list[str]]:
 
 
 # ---- images -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["empty", "truncated", "text", "tiny", "bomb"])
 def test_predict_stops_at_a_bad_image_with_one_line(capsys, tmp_path, model, kind):
@@ -137,7 +142,7 @@ def test_unusual_but_valid_images_load(capsys, tmp_path, model):
     folder = tmp_path / "in"
     folder.mkdir()
     rgb = texture(np.random.default_rng(3))
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(folder / "sixteen.png")
+    Image.fromarray(rgb[..., 0].astype(np.uint16) * 257).save(folder / "sixteen.png")
     Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
     Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
     Image.fromarray(rgb).save(folder / "png_inside.jpg", format="PNG")
@@ -155,8 +160,13 @@ def test_unusual_but_valid_images_load(capsys, tmp_path, model):
 def test_odd_file_names(capsys, tmp_path, model):
     folder = tmp_path / "in"
     folder.mkdir()
-    names = ["with space.png", "ünïcødé_图.png", "<img src=x>.png", os.fsdecode(b"latin1_\xe9\xff.png"),
-             "long_" + "x" * 200 + ".png"]
+    names = [
+        "with space.png",
+        "ünïcødé_图.png",
+        "<img src=x>.png",
+        os.fsdecode(b"latin1_\xe9\xff.png"),
+        "long_" + "x" * 200 + ".png",
+    ]
     for i, name in enumerate(names):
         good_image(folder / name, i)
     code, out, err = run(capsys, "predict", model, folder, "--out", tmp_path / "out")
@@ -176,15 +186,19 @@ def test_bad_training_image_stops_fit(capsys, tmp_path):
 
 # ---- folders and masks ----------------------------------------------------------------------------
 
+
 def _category(tmp_path: Path) -> Path:
     return make_category(tmp_path / "data", n_train=2, n_good=2, n_bad=2) / "toy"
 
 
-@pytest.mark.parametrize("breakage, expected", [
-    ("empty root", "no such category"),
-    ("no train/good", "train/good"),
-    ("empty train/good", "no training images"),
-])
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        ("empty root", "no such category"),
+        ("no train/good", "train/good"),
+        ("empty train/good", "no training images"),
+    ],
+)
 def test_fit_folder_problems(capsys, tmp_path, breakage, expected):
     cat = _category(tmp_path)
     if breakage == "empty root":
@@ -248,12 +262,25 @@ def test_evaluate_needs_both_classes(capsys, tmp_path, model, remove, expected):
 
 
 def test_nan_backbone_weights(capsys, tmp_path):
-    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-             for k, v in efficientnet_lite0_classifier("random").state_dict().items()}
+    state = {
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+        for k, v in efficientnet_lite0_classifier("random").state_dict().items()
+    }
     torch.save(state, tmp_path / "nan.pth")
     root = make_category(tmp_path / "data", n_train=2, n_good=1, n_bad=1)
-    code, _, err = run(capsys, "fit", "--data", root, "--category", "toy", "--out", tmp_path / "m.anomap",
-                       *FAST, "--weights", tmp_path / "nan.pth")
+    code, _, err = run(
+        capsys,
+        "fit",
+        "--data",
+        root,
+        "--category",
+        "toy",
+        "--out",
+        tmp_path / "m.anomap",
+        *FAST,
+        "--weights",
+        tmp_path / "nan.pth",
+    )
     assert_one_line_error(code, err, "non-finite")
 
 
@@ -272,13 +299,25 @@ def test_weights_pickle_never_runs(capsys, tmp_path):
     (tmp_path / "evil_raw.pth").write_bytes(pickle.dumps({"x": _Marker(marker)}))
     root = make_category(tmp_path / "data", n_train=2, n_good=1, n_bad=1)
     for name in ("evil.pth", "evil_raw.pth"):
-        code, _, err = run(capsys, "fit", "--data", root, "--category", "toy", "--out", tmp_path / "m.anomap",
-                           *FAST, "--weights", tmp_path / name)
+        code, _, err = run(
+            capsys,
+            "fit",
+            "--data",
+            root,
+            "--category",
+            "toy",
+            "--out",
+            tmp_path / "m.anomap",
+            *FAST,
+            "--weights",
+            tmp_path / name,
+        )
         assert_one_line_error(code, err, name)
     assert not marker.exists()
 
 
 # ---- outputs are never replaced silently; reruns are identical ------------------------------------
+
 
 def test_every_command_refuses_existing_outputs(capsys, tmp_path, model, toy_root):
     used = tmp_path / "used"
@@ -286,10 +325,12 @@ def test_every_command_refuses_existing_outputs(capsys, tmp_path, model, toy_roo
     (used / "notes.txt").write_text("keep me")
     image = good_image(tmp_path / "a.png")
     data = ["--data", toy_root, "--category", "toy"]
-    for argv in (["fit", *data, "--out", used / "notes.txt", *FAST],
-                 ["predict", model, image, "--out", used],
-                 ["evaluate", model, *data, "--out", used],
-                 ["demo", "--out", used, "--device", "cpu"]):
+    for argv in (
+        ["fit", *data, "--out", used / "notes.txt", *FAST],
+        ["predict", model, image, "--out", used],
+        ["evaluate", model, *data, "--out", used],
+        ["demo", "--out", used, "--device", "cpu"],
+    ):
         code, _, err = run(capsys, *argv)
         assert_one_line_error(code, err, str(used), "--overwrite")
     assert [p.name for p in used.iterdir()] == ["notes.txt"] and (used / "notes.txt").read_text() == "keep me"
@@ -319,3 +360,89 @@ def test_later_commands_refuse_damaged_models_and_existing_results(capsys, tmp_p
     code, _, err = run(capsys, "benchmark", "--data", toy_root, "--categories", "toy", "--out", tmp_path / "bench")
     assert_one_line_error(code, err, "results.json", "--overwrite")
     assert (tmp_path / "bench" / "results.json").read_text() == "{}"
+
+
+# ---- names and warnings that reach a terminal ---------------------------------------------------
+
+TITLE = "\x1b]0;pwned\x07"  # sets the terminal's title when printed raw
+
+
+def damaged_exif_jpeg(path: Path) -> Path:
+    """A valid JPEG whose EXIF block is cut short: PIL warns while reading it."""
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 100  # ImageDescription, stored past the end of the cut block
+    Image.fromarray(texture(np.random.default_rng(5))).save(path, exif=exif.tobytes()[:-60])
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_undone_as_pil_does(tmp_path, orientation):
+    from PIL import ImageOps
+
+    from anomap.data import load_image
+
+    img = Image.fromarray(np.random.default_rng(orientation).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.save(tmp_path / "x.png", exif=exif.tobytes())
+    with Image.open(tmp_path / "x.png") as saved:
+        expected = np.asarray(ImageOps.exif_transpose(saved).convert("RGB"))
+    np.testing.assert_array_equal(load_image(tmp_path / "x.png"), expected)
+
+
+@pytest.mark.parametrize("name", [f"evil{TITLE}.png", "two\nlines.png", "bidi\u202egnp.exe.png"])
+def test_names_in_errors_are_escaped_and_stay_on_one_line(capsys, tmp_path, model, name):
+    bad = tmp_path / name
+    bad.write_text("not an image")
+    code, _, err = run(capsys, "predict", model, bad, "--out", tmp_path / "out")
+    assert_one_line_error(code, err, name.encode("unicode_escape").decode())
+    assert not any(c in err for c in "\x1b\x07\u202e")
+
+
+def test_warnings_and_skipped_names_are_single_escaped_log_lines(tmp_path):
+    folder = tmp_path / "in"
+    good_image(folder / "good.png")
+    damaged_exif_jpeg(folder / "exif.jpg")
+    (folder / f"bad{TITLE}\nname.png").write_text("not an image")
+    (tmp_path / "model").mkdir()
+    model = patchcore_file(tmp_path / "model")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "anomap.cli",
+            "predict",
+            str(model),
+            str(folder),
+            "--out",
+            str(tmp_path / "out"),
+            "--skip-bad",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert all(line.startswith("anomap: ") for line in lines), done.stderr
+    assert not any(c in done.stderr for c in "\x1b\x07")
+    assert sum("exif.jpg" in line and "damaged metadata" in line for line in lines) >= 1, done.stderr
+    assert sum("\\x1b]0;pwned\\x07\\nname.png" in line for line in lines) == 1, done.stderr
+    assert "warnings.warn(" not in done.stderr and "UserWarning" not in done.stderr
+
+
+def test_library_warnings_become_one_log_line(tmp_path, monkeypatch, caplog, capsys):
+    from anomap import report
+
+    def warn_and_write(run_dir):
+        warnings.warn("first line\nsecond line", UserWarning, stacklevel=2)
+        return Path(run_dir) / "report.html"
+
+    monkeypatch.setattr(report, "write_report", warn_and_write)
+    assert main(["report", str(tmp_path)]) == 0
+    records = [r for r in caplog.records if "first line" in r.getMessage()]
+    assert len(records) == 1 and "UserWarning" not in capsys.readouterr().err
+    from anomap.cli import _OneLineFormatter
+
+    assert "\n" not in _OneLineFormatter("anomap: %(message)s").format(records[0])

@@ -93,9 +93,7 @@ def test_pro_curve_shape(rng):
     assert fpr[0] == 0.0 and pro[0] == 0.0
     assert fpr[-1] == pytest.approx(0.2)
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro) >= 0)
-    assert trapezoid(pro, fpr) / 0.2 == pytest.approx(
-        metrics.aupro(masks, maps, fpr_limit=0.2)
-    )
+    assert trapezoid(pro, fpr) / 0.2 == pytest.approx(metrics.aupro(masks, maps, fpr_limit=0.2))
 
 
 @settings(max_examples=40, deadline=None)
@@ -131,9 +129,7 @@ def test_image_auroc_and_auprc_match_sklearn(rng, ties):
     if ties:
         scores = np.round(scores)
     assert metrics.image_auroc(labels, scores) == pytest.approx(skm.roc_auc_score(labels, scores))
-    assert metrics.image_auprc(labels, scores) == pytest.approx(
-        skm.average_precision_score(labels, scores)
-    )
+    assert metrics.image_auprc(labels, scores) == pytest.approx(skm.average_precision_score(labels, scores))
 
 
 def test_curves_match_sklearn(rng):
@@ -155,9 +151,7 @@ def test_pixel_auroc_equals_image_auroc_on_flattened_data(rng):
     maps = np.round(rng.random(masks.shape, dtype=np.float32) + 0.3 * masks, 2)
     expected = metrics.image_auroc(masks.ravel(), maps.ravel())
     assert metrics.pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-15)
-    assert metrics.pixel_auroc(masks, maps) == pytest.approx(
-        skm.roc_auc_score(masks.ravel(), maps.ravel())
-    )
+    assert metrics.pixel_auroc(masks, maps) == pytest.approx(skm.roc_auc_score(masks.ravel(), maps.ravel()))
     assert metrics.pixel_auroc(masks.astype(int).tolist(), maps.tolist()) == pytest.approx(expected)
 
 
@@ -174,14 +168,13 @@ def test_auroc_known_cases():
     data=st.data(),
 )
 def test_auroc_invariant_under_monotone_transform(labels, data):
-    scores = np.array(data.draw(st.lists(st.integers(-20, 20), min_size=len(labels),
-                                         max_size=len(labels))), dtype=float)
+    scores = np.array(
+        data.draw(st.lists(st.integers(-20, 20), min_size=len(labels), max_size=len(labels))), dtype=float
+    )
     auroc = metrics.image_auroc(labels, scores)
     assert metrics.image_auroc(labels, np.exp(scores / 4) * 3 - 1) == pytest.approx(auroc)
     assert metrics.image_auroc(labels, -scores) == pytest.approx(1 - auroc)
-    assert metrics.image_auprc(labels, scores**3) == pytest.approx(
-        metrics.image_auprc(labels, scores)
-    )
+    assert metrics.image_auprc(labels, scores**3) == pytest.approx(metrics.image_auprc(labels, scores))
 
 
 # --- thresholds and classification ---------------------------------------------------------
@@ -239,8 +232,18 @@ def test_evaluate_collects_every_metric(rng):
     labels = masks.any(axis=(1, 2))
     scores = maps.max(axis=(1, 2))
     result = metrics.evaluate(labels, scores, 1.0, masks=masks, maps=maps)
-    assert list(result) == ["image_auroc", "image_auprc", "pixel_auroc", "aupro", "f1",
-                            "precision", "recall", "accuracy", "confusion_matrix", "threshold"]
+    assert list(result) == [
+        "image_auroc",
+        "image_auprc",
+        "pixel_auroc",
+        "aupro",
+        "f1",
+        "precision",
+        "recall",
+        "accuracy",
+        "confusion_matrix",
+        "threshold",
+    ]
     assert json.loads(json.dumps(result)) == result
     assert all(type(result[key]) is float for key in result if key != "confusion_matrix")
     assert result["pixel_auroc"] == metrics.pixel_auroc(masks, maps)
@@ -262,8 +265,7 @@ def test_evaluate_without_pixel_ground_truth():
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_scores_and_maps_raise(bad):
     labels, scores = [0, 1, 0], [0.1, bad, 0.3]
-    for func in (metrics.image_auroc, metrics.image_auprc, metrics.f1_optimal_threshold,
-                 metrics.roc_curve):
+    for func in (metrics.image_auroc, metrics.image_auprc, metrics.f1_optimal_threshold, metrics.roc_curve):
         with pytest.raises(ScoreError, match="NaN or infinite"):
             func(labels, scores)
     with pytest.raises(ScoreError, match="NaN or infinite"):

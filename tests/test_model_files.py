@@ -12,8 +12,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from anomap import load
@@ -41,7 +43,9 @@ def parts(path: Path) -> tuple[dict, dict]:
 @pytest.mark.parametrize("keep", [0, 4, 8, 100, "header", "data", -1])
 def test_truncated(tmp_path, model, keep):
     data = model.read_bytes()
-    n = {"header": header_size(data) - 10, "data": (header_size(data) + len(data)) // 2, -1: len(data) - 1}.get(keep, keep)
+    n = {"header": header_size(data) - 10, "data": (header_size(data) + len(data)) // 2, -1: len(data) - 1}.get(
+        keep, keep
+    )
     (tmp_path / "t.anomap").write_bytes(data[:n])
     with pytest.raises(ModelFileError, match="t.anomap"):
         load(tmp_path / "t.anomap")
@@ -89,10 +93,13 @@ def test_pickle_never_runs(capsys, tmp_path):
     marker = tmp_path / "ran"
     (tmp_path / "raw.anomap").write_bytes(pickle.dumps(_Marker(marker)))
     torch.save({"memory_bank": _Marker(marker)}, tmp_path / "torch.anomap")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "x.png")
     for name in ("raw.anomap", "torch.anomap"):
         with pytest.raises(ModelFileError, match=name):
             load(tmp_path / name)
-        code = main(["predict", str(tmp_path / name), str(tmp_path), "--out", str(tmp_path / "out")])
+        code = main(["predict", str(tmp_path / name), str(images), "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and name in err and "Traceback" not in err
     assert not marker.exists()
@@ -104,19 +111,22 @@ def _rewritten(tmp_path: Path, model: Path, meta_change: dict, tensor_change: di
     return write_model_file(tmp_path / "x.anomap", tensors, meta | meta_change)
 
 
-@pytest.mark.parametrize("meta_change, tensor_change, expected", [
-    ({}, {"memory_bank": torch.zeros(50, 7)}, "do not match"),
-    ({}, {"memory_bank": torch.zeros(50)}, "do not match"),
-    ({}, {"normal_scores": None}, "normal_scores"),
-    ({}, {"memory_bank": torch.full((50, 136), float("nan"))}, "NaN"),
-    ({"method": "nonsense"}, {}, "unknown method"),
-    ({"params": '{"no_such_param": 1}'}, {}, "unknown parameters"),
-    ({"params": "[1, 2]"}, {}, "damaged metadata"),
-    ({"params": "{not json"}, {}, "damaged metadata"),
-    ({"state": '{"threshold": "high"}'}, {}, "threshold"),
-    ({"state": '{"grid": [8, 8], "threshold": NaN}'}, {}, "threshold"),
-    ({"state": '{"threshold": 1.0}'}, {}, "do not match"),
-])
+@pytest.mark.parametrize(
+    "meta_change, tensor_change, expected",
+    [
+        ({}, {"memory_bank": torch.zeros(50, 7)}, "do not match"),
+        ({}, {"memory_bank": torch.zeros(50)}, "do not match"),
+        ({}, {"normal_scores": None}, "normal_scores"),
+        ({}, {"memory_bank": torch.full((50, 136), float("nan"))}, "NaN"),
+        ({"method": "nonsense"}, {}, "unknown method"),
+        ({"params": '{"no_such_param": 1}'}, {}, "unknown parameters"),
+        ({"params": "[1, 2]"}, {}, "damaged metadata"),
+        ({"params": "{not json"}, {}, "damaged metadata"),
+        ({"state": '{"threshold": "high"}'}, {}, "threshold"),
+        ({"state": '{"grid": [8, 8], "threshold": NaN}'}, {}, "threshold"),
+        ({"state": '{"threshold": 1.0}'}, {}, "do not match"),
+    ],
+)
 def test_inconsistent_contents(tmp_path, model, meta_change, tensor_change, expected):
     with pytest.raises(ModelFileError, match=expected):
         load(_rewritten(tmp_path, model, meta_change, tensor_change))
@@ -136,6 +146,7 @@ def test_saving_twice_gives_identical_bytes(tmp_path, model):
 
 
 # ---- a write killed midway ------------------------------------------------------------------------
+
 
 def _kill_when(proc: subprocess.Popen, ready) -> None:
     deadline = time.monotonic() + 120

@@ -7,8 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from anomap.ops import (PRECISIONS, align_concat, gaussian_blur, greedy_coreset, half_bank, half_dtype, knn,
-                        knn_half, random_projection, reduce_channels)
+from anomap.ops import (
+    PRECISIONS,
+    align_concat,
+    gaussian_blur,
+    greedy_coreset,
+    half_bank,
+    half_dtype,
+    knn,
+    knn_half,
+    random_projection,
+    reduce_channels,
+)
 
 
 def naive_greedy(x: torch.Tensor, n: int, first: int) -> list[int]:
@@ -168,8 +178,14 @@ def test_coreset_triton_kernels_match_naive_in_the_interpreter():
         "got, done = ops._greedy_torch(x, 40, 7, Bar(), use_triton=True)\n"
         "print(done, *got.tolist())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True, timeout=300, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout.split()
     x = torch.randn(300, 20, generator=torch.Generator().manual_seed(3))
     assert int(out[0]) == 40
     assert [int(v) for v in out[1:]] == naive_greedy(x, 40, 7)

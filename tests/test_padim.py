@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from anomap.data import MVTecAD
-from anomap.detectors.padim import (PaDiM, accumulate, default_n_features, gaussians, leave_one_out,
-                                   mahalanobis)
+from anomap.detectors.padim import PaDiM, accumulate, default_n_features, gaussians, leave_one_out, mahalanobis
 from anomap.errors import AnomapError
 
 EPS = 0.01

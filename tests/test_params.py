@@ -21,15 +21,35 @@ from anomap.params import MAX_IMAGE_SIZE, declared
 from conftest import patchcore_file
 
 BAD = [
-    ("patchcore", "image_size", 0), ("patchcore", "image_size", -5), ("patchcore", "image_size", 100000),
-    ("patchcore", "image_size", 8), ("patchcore", "image_size", 12.5), ("patchcore", "crop", 0),
-    ("patchcore", "seed", 99999999999999999999999), ("patchcore", "seed", "abc"), ("patchcore", "seed", -5),
-    ("patchcore", "batch_size", 0), ("patchcore", "threshold_images", 0), ("patchcore", "k", -1),
-    ("patchcore", "target_dim", 0), ("patchcore", "project_dim", -1), ("patchcore", "blur_sigma", math.nan),
-    ("patchcore", "blur_sigma", math.inf), ("patchcore", "coreset_ratio", 0), ("patchcore", "reweight", 1),
-    ("patchcore", "layers", "layer2"), ("patchcore", "layers", ["layer2", "layer2"]), ("patchcore", "device", "tpu"),
-    ("patchcore", "backbone", "vgg"), ("patchcore", "weights", ""), ("padim", "eps", 0), ("psfe", "stats", []),
-    ("conv_ae", "width", 4000), ("global_ae", "hidden", 10**6), ("dfr", "variance", 1.5), ("global_ae", "lr", 0),
+    ("patchcore", "image_size", 0),
+    ("patchcore", "image_size", -5),
+    ("patchcore", "image_size", 100000),
+    ("patchcore", "image_size", 8),
+    ("patchcore", "image_size", 12.5),
+    ("patchcore", "crop", 0),
+    ("patchcore", "seed", 99999999999999999999999),
+    ("patchcore", "seed", "abc"),
+    ("patchcore", "seed", -5),
+    ("patchcore", "batch_size", 0),
+    ("patchcore", "threshold_images", 0),
+    ("patchcore", "k", -1),
+    ("patchcore", "target_dim", 0),
+    ("patchcore", "project_dim", -1),
+    ("patchcore", "blur_sigma", math.nan),
+    ("patchcore", "blur_sigma", math.inf),
+    ("patchcore", "coreset_ratio", 0),
+    ("patchcore", "reweight", 1),
+    ("patchcore", "layers", "layer2"),
+    ("patchcore", "layers", ["layer2", "layer2"]),
+    ("patchcore", "device", "tpu"),
+    ("patchcore", "backbone", "vgg"),
+    ("patchcore", "weights", ""),
+    ("padim", "eps", 0),
+    ("psfe", "stats", []),
+    ("conv_ae", "width", 4000),
+    ("global_ae", "hidden", 10**6),
+    ("dfr", "variance", 1.5),
+    ("global_ae", "lr", 0),
 ]
 
 
@@ -58,18 +78,21 @@ def test_every_parameter_is_declared_with_help():
             assert getattr(det, name) == f.metadata["check"](f.default)  # defaults pass their own check
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--image-size", "0"], "image_size must be an integer from 32 to"),
-    (["--image-size", "100000"], "image_size must be an integer from 32 to"),
-    (["--crop", "0"], "crop must be null or an integer"),
-    (["--seed", "99999999999999999999999"], "seed must be an integer from 0 to"),
-    (["--param", "batch_size=0"], "batch_size must be"),
-    (["--param", "k=-1"], "k must be"),
-    (["--param", "image_size=12.5"], "image_size must be an integer"),
-    (["--param", 'seed="abc"'], "seed must be an integer"),
-    (["--param", "blur_sigma=NaN"], "blur_sigma must be a finite number"),
-    (["--param", "no_such=1"], "no_such"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--image-size", "0"], "image_size must be an integer from 32 to"),
+        (["--image-size", "100000"], "image_size must be an integer from 32 to"),
+        (["--crop", "0"], "crop must be null or an integer"),
+        (["--seed", "99999999999999999999999"], "seed must be an integer from 0 to"),
+        (["--param", "batch_size=0"], "batch_size must be"),
+        (["--param", "k=-1"], "k must be"),
+        (["--param", "image_size=12.5"], "image_size must be an integer"),
+        (["--param", 'seed="abc"'], "seed must be an integer"),
+        (["--param", "blur_sigma=NaN"], "blur_sigma must be a finite number"),
+        (["--param", "no_such=1"], "no_such"),
+    ],
+)
 def test_cli_gives_one_line(tmp_path, capsys, toy_root, args, expected):
     out = tmp_path / "m.anomap"
     code = main(["fit", "--data", str(toy_root), "--category", "toy", "--out", str(out), "--device", "cpu", *args])
@@ -98,8 +121,14 @@ def _edited(tmp_path, path, params=None, state=None, raw_params=None):
 
 
 def test_huge_network_refused_at_load_before_building(tmp_path):
-    meta = {"format": "anomap", "format_version": "4", "anomap_version": "0", "method": "conv_ae",
-            "params": json.dumps({"width": 4000}), "state": json.dumps({"threshold": 1.0, "train_losses": [1.0]})}
+    meta = {
+        "format": "anomap",
+        "format_version": "4",
+        "anomap_version": "0",
+        "method": "conv_ae",
+        "params": json.dumps({"width": 4000}),
+        "state": json.dumps({"threshold": 1.0, "train_losses": [1.0]}),
+    }
     path = write_model_file(tmp_path / "tiny.anomap", {"normal_scores": torch.ones(3)}, meta)
     assert path.stat().st_size < 1024
     with pytest.raises(ModelFileError, match="width must be an integer from 1 to 512"):
@@ -117,9 +146,15 @@ def test_hostile_metadata_json(tmp_path, small_model, raw):
         load(_edited(tmp_path, small_model, raw_params=raw))
 
 
-@pytest.mark.parametrize("state, expected", [
-    ({"grid": [8]}, "grid"), ({"grid": [8, 10**9]}, "grid"), ({"grid": "8x8"}, "grid"), ({"threshold": True}, "threshold"),
-])
+@pytest.mark.parametrize(
+    "state, expected",
+    [
+        ({"grid": [8]}, "grid"),
+        ({"grid": [8, 10**9]}, "grid"),
+        ({"grid": "8x8"}, "grid"),
+        ({"threshold": True}, "threshold"),
+    ],
+)
 def test_edited_state(tmp_path, small_model, state, expected):
     with pytest.raises(ModelFileError, match=expected):
         load(_edited(tmp_path, small_model, state=state))
@@ -136,14 +171,23 @@ def test_nan_never_saved(tmp_path):
 
 
 VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20), st.lists(st.one_of(st.integers(-5, 5), st.text(max_size=8)), max_size=4),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.lists(st.one_of(st.integers(-5, 5), st.text(max_size=8)), max_size=4),
     st.sampled_from(["layer1", "layer2", "cpu", "cuda", "coreset", "random", "fp16", "/no/such/weights.pth"]),
 )
 
 
-@settings(max_examples=120, deadline=None, database=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=120,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(edits=st.dictionaries(st.sampled_from(sorted(declared(PatchCore))), VALUES, min_size=1, max_size=3))
 def test_fuzzed_parameters_give_a_model_or_one_clear_error(tmp_path, small_model, edits):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close_scaled
-
 from anomap import PatchCore, load
 from anomap.data import MVTecAD, load_image, load_masks
 from anomap.errors import AnomapError
 from anomap.metrics import image_auroc
+
+from conftest import assert_close_scaled
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +42,24 @@ def test_bank_size_follows_sampler(toy):
     patches = len(toy.train) * 16 * 16  # 128 px input, stride-8 grid
     sizes = {}
     for sampler in ("coreset", "random", "none"):
-        det = PatchCore(backbone="efficientnet_lite0", image_size=128, device="cpu", sampler=sampler,
-                        coreset_ratio=0.05).fit(toy.train)
+        det = PatchCore(
+            backbone="efficientnet_lite0", image_size=128, device="cpu", sampler=sampler, coreset_ratio=0.05
+        ).fit(toy.train)
         sizes[sampler] = det.memory_bank_.shape
     assert sizes["coreset"] == sizes["random"] == (round(patches * 0.05), 40 + 112)
     assert sizes["none"] == (patches, 152)
 
 
 def test_same_seed_same_bank_other_seed_other_bank(toy):
-    make = lambda seed: PatchCore(backbone="efficientnet_lite0", image_size=128, device="cpu",  # noqa: E731
-                                  coreset_ratio=0.05, seed=seed).fit(toy.train[:4])
+    make = (
+        lambda seed: PatchCore(
+            backbone="efficientnet_lite0",
+            image_size=128,
+            device="cpu",  # noqa: E731
+            coreset_ratio=0.05,
+            seed=seed,
+        ).fit(toy.train[:4])
+    )
     a, b, c = make(1), make(1), make(2)
     assert torch.equal(a.memory_bank_, b.memory_bank_)
     assert not torch.equal(a.memory_bank_, c.memory_bank_)
@@ -91,14 +99,17 @@ def test_k_neighbours_average_raises_scores(fitted, toy):
 
 
 def test_target_dim_reduces_bank_width(toy):
-    det = PatchCore(backbone="efficientnet_lite0", image_size=128, device="cpu", target_dim=64,
-                    coreset_ratio=0.05).fit(toy.train[:3])
+    det = PatchCore(backbone="efficientnet_lite0", image_size=128, device="cpu", target_dim=64, coreset_ratio=0.05).fit(
+        toy.train[:3]
+    )
     assert det.memory_bank_.shape[1] == 64
     assert det.predict(toy.test[:1]).maps.shape == (1, 128, 128)
 
 
-@pytest.mark.parametrize("bad", [{"sampler": "kmeans"}, {"coreset_ratio": 0.0}, {"coreset_ratio": 1.5},
-                                 {"coreset_chunk": 0}, {"precision": "fp8"}])
+@pytest.mark.parametrize(
+    "bad",
+    [{"sampler": "kmeans"}, {"coreset_ratio": 0.0}, {"coreset_ratio": 1.5}, {"coreset_chunk": 0}, {"precision": "fp8"}],
+)
 def test_bad_parameters_are_clear_errors(toy, bad):
     with pytest.raises(AnomapError):
         PatchCore(backbone="efficientnet_lite0", image_size=128, device="cpu", **bad).fit(toy.train[:2])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +12,18 @@ import pytest
 from PIL import Image
 
 from anomap import metrics
-from anomap._images import Preprocess
-from anomap.pictures import PREDICTED_RGB, TRUTH_RGB, aligned_image, inspection_picture, outline
+from anomap._images import Preprocess, png_bytes
+from anomap.pictures import (
+    JET,
+    PREDICTED_RGB,
+    TRUTH_RGB,
+    PictureQueue,
+    aligned_image,
+    heat_range,
+    heatmap_overlay,
+    inspection_picture,
+    outline,
+)
 from anomap.plots import pixel_curves, thin_curve, write_plots
 
 
@@ -122,3 +135,75 @@ def test_aligned_image_follows_the_crop():
     out = aligned_image(image, Preprocess(size=40, crop=20))
     assert out.shape == (20, 20, 3)
     assert out[:, 0].max() < 30 and out[:, -1].min() > 225  # the centre crop straddles the edge
+
+
+def test_jet_colours_are_matplotlibs():
+    from matplotlib import colormaps
+
+    np.testing.assert_allclose(JET, colormaps["jet"](np.arange(256))[:, :3], rtol=0, atol=1e-12)
+
+
+def test_heatmap_colours_known_values():
+    image = np.zeros((2, 3, 3), np.uint8)
+    amap = np.array([[-1.0, 0.0, 0.5], [0.999, 1.0, 9.0]], np.float32)  # already at the image size
+    out = heatmap_overlay(image, amap, 0.0, 1.0, alpha=1.0)
+    # below vmin: the coldest colour, at and above vmax: the hottest; in between floor(256 * value)
+    expected = np.rint(255 * JET[[0, 0, 128, 255, 255, 255]]).reshape(2, 3, 3)
+    np.testing.assert_array_equal(out, expected)
+    half = heatmap_overlay(np.full((2, 3, 3), 200, np.uint8), amap, 0.0, 1.0, alpha=0.5)
+    np.testing.assert_array_equal(half, np.rint(0.5 * expected + 100))
+
+
+def test_heat_range_puts_the_fit_threshold_two_thirds_up():
+    scores = np.array([1.0, 2.0, 3.0, 4.0])
+    lo, hi = heat_range(scores)
+    mean, std = 2.5, np.sqrt(1.25)
+    assert (lo, hi) == pytest.approx((mean - 3 * std, mean + 6 * std))
+    assert (metrics.sigma_threshold(scores) - lo) / (hi - lo) == pytest.approx(2 / 3)
+    assert heat_range(np.array([5.0])) == pytest.approx((3.5, 8.0))  # no spread: a tenth of the mean
+    assert heat_range(np.array([0.0, 0.0])) == (-3.0, 6.0)
+
+
+def test_picture_queue_runs_every_job_holds_few_and_reports_failures():
+    running, most, done = [], [0], []
+    lock = threading.Lock()
+
+    def job(i):
+        with lock:
+            running.append(i)
+            most[0] = max(most[0], len(running) - len(done))
+        time.sleep(0.01)
+        with lock:
+            done.append(i)
+
+    with PictureQueue(workers=2, limit=3) as queue:
+        for i in range(20):
+            queue.submit(job, i)
+            assert i + 1 - len(done) <= 3 + 1  # submit waits while 3 jobs are pending
+    assert sorted(done) == list(range(20)) and most[0] <= 2
+
+    def fail():
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        with PictureQueue() as queue:
+            queue.submit(fail)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 1, 3), (9, 1, 3), (1, 9), (37, 53, 3), (64, 64), (5, 300, 3)])
+@pytest.mark.parametrize("runs", [False, True])
+def test_png_files_decode_to_the_same_pixels(shape, runs):
+    array = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    array[: shape[0] // 2] = 7  # flat rows too
+    data = png_bytes(array, runs)
+    with Image.open(io.BytesIO(data)) as img:
+        img.verify()
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "PNG" and img.mode == ("L" if len(shape) == 2 else "RGB")
+        np.testing.assert_array_equal(np.asarray(img), array)
+
+
+def test_png_refuses_other_arrays():
+    for array in (np.zeros((4, 4), np.float32), np.zeros((4, 4, 4), np.uint8), np.zeros(4, np.uint8)):
+        with pytest.raises(ValueError, match="uint8"):
+            png_bytes(array)

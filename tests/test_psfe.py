@@ -52,8 +52,14 @@ def toy(toy_root):
 
 @pytest.mark.parametrize("reference", ["none", "train"])
 def test_map_is_higher_at_the_defect(toy, reference):
-    det = PSFE(backbone="efficientnet_lite0", image_size=128, device="cpu", patch_size=2,
-               stats=("variance", "entropy"), reference=reference).fit(toy.train)
+    det = PSFE(
+        backbone="efficientnet_lite0",
+        image_size=128,
+        device="cpu",
+        patch_size=2,
+        stats=("variance", "entropy"),
+        reference=reference,
+    ).fit(toy.train)
     bad = [s for s in toy.test if s.label == 1]
     maps = det.predict(bad).maps
     masks = load_masks(bad, det.preprocess_)
@@ -78,5 +84,4 @@ def test_bad_parameters_and_state(toy):
     det = PSFE(backbone="efficientnet_lite0", image_size=128, device="cpu").fit(toy.train)
     tensors, state = det._get_state()
     with pytest.raises(ValueError, match="stat_mean"):
-        PSFE(backbone="efficientnet_lite0", image_size=128, device="cpu", patch_size=2)._check_state(
-            tensors, state)
+        PSFE(backbone="efficientnet_lite0", image_size=128, device="cpu", patch_size=2)._check_state(tensors, state)

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_category
 
 from anomap import metrics
 from anomap.cli import main
 from anomap.errors import DataError
 from anomap.pictures import save_png
 from anomap.report import write_report, write_zip, zip_path
+
+from conftest import make_category
 
 EVIL = "<img src=x onerror=alert(1)>"
 
@@ -39,8 +40,16 @@ def synthetic_run(folder: Path) -> Path:
         picture = f"pictures/{i}_{Path(name).stem}.png"
         (folder / "pictures").mkdir(exist_ok=True)
         save_png(folder / picture, np.full((8, 24, 3), 40 * i, np.uint8))
-        images.append({"path": f"/data/{name}", "label": int(label), "defect": "good" if label == 0 else "blob",
-                       "score": float(score), "decision": "anomalous" if score >= 0.6 else "normal", "picture": picture})
+        images.append(
+            {
+                "path": f"/data/{name}",
+                "label": int(label),
+                "defect": "good" if label == 0 else "blob",
+                "score": float(score),
+                "decision": "anomalous" if score >= 0.6 else "normal",
+                "picture": picture,
+            }
+        )
     (folder / "metrics.json").write_text(json.dumps(metrics.evaluate(labels, scores, 0.6)))
     (folder / "predictions.json").write_text(json.dumps({"title": f"run {EVIL}", "threshold": 0.6, "images": images}))
     (folder / "model.anomap").write_bytes(b"tensors")
@@ -88,8 +97,13 @@ def test_zip_holds_the_run_without_model_tensors(tmp_path):
     with zipfile.ZipFile(archive) as zf:
         assert zf.testzip() is None
         names = set(zf.namelist())
-    expected = {"run/report.html", "run/metrics.json", "run/predictions.json", "run/plots/roc.png",
-                f"run/pictures/2_{EVIL}.png"}
+    expected = {
+        "run/report.html",
+        "run/metrics.json",
+        "run/predictions.json",
+        "run/plots/roc.png",
+        f"run/pictures/2_{EVIL}.png",
+    }
     assert expected <= names
     assert not any(n.endswith(".anomap") for n in names)
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())

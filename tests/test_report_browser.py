@@ -9,19 +9,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_report import EVIL, evil_category, synthetic_run
 
 from anomap import runs
-from anomap.bench_report import run_folder, write_benchmark_report
 from anomap.benchmark import summarize
-from anomap.report import write_report
+from anomap.report import run_folder, write_benchmark_report, write_report
+from test_report import EVIL, evil_category, synthetic_run
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
-                                "(apt-get install chromium chromium-driver; .ci/run installs it)")
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="needs Debian's chromium at /usr/bin/chromium "
+    "(apt-get install chromium chromium-driver; .ci/run installs it)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +62,10 @@ def page(run_dir):
 
 def visible(tab) -> list[dict]:
     return tab.eval_on_selector_all(
-        "#gallery .tile", "els => els.filter(e => !e.hidden && e.offsetParent !== null)"
-                          ".map(e => ({truth: e.dataset.truth, outcome: e.dataset.outcome}))")
+        "#gallery .tile",
+        "els => els.filter(e => !e.hidden && e.offsetParent !== null)"
+        ".map(e => ({truth: e.dataset.truth, outcome: e.dataset.outcome}))",
+    )
 
 
 def test_loads_offline_without_errors_and_with_every_picture(page):
@@ -93,14 +104,24 @@ def test_screenshot_is_not_blank(page):
 
 
 def test_benchmark_page_links_to_a_working_run_report(tmp_path, page):
-    row = {"category": EVIL, "method": "patchcore", "setting": "clean", "seed": 1, "image_auroc": 0.75,
-           "pixel_auroc": None, "aupro": None, "f1": 0.8, "oracle_f1": 0.8, "threshold": 0.6, "fit_seconds": 1.0,
-           "predict_ms_per_image": 2.0}
+    row = {
+        "category": EVIL,
+        "method": "patchcore",
+        "setting": "clean",
+        "seed": 1,
+        "image_auroc": 0.75,
+        "pixel_auroc": None,
+        "aupro": None,
+        "f1": 0.8,
+        "oracle_f1": 0.8,
+        "threshold": 0.6,
+        "fit_seconds": 1.0,
+        "predict_ms_per_image": 2.0,
+    }
     run = tmp_path / run_folder({**row, "category": "evil"})
     run.parent.mkdir(parents=True)
     write_report(synthetic_run(run))
-    doc = {"config": {"categories": [EVIL]}, "rows": [{**row, "category": "evil"}, row],
-           "summary": summarize([row])}
+    doc = {"config": {"categories": [EVIL]}, "rows": [{**row, "category": "evil"}, row], "summary": summarize([row])}
     (tmp_path / "results.json").write_text(json.dumps(doc))
     page.problems.clear()
     page.goto(write_benchmark_report(tmp_path).as_uri())

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import make_category
 from PIL import Image
 
+from anomap._rng import stable_rng
 from anomap.cli import main
 from anomap.data import MVTecAD, load_image, load_mask
 from anomap.errors import DataError
-from anomap.protocol import stable_rng
 from anomap.shift import shift_image, shift_samples
+
+from conftest import make_category
 
 
 def _square_scene(size: int = 160, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

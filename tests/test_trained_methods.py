@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_category
-
 from anomap import DFR, ConvAE, GlobalAE
 from anomap.data import MVTecAD, load_masks
 from anomap.detectors.dfr import pca_dimension
 from anomap.detectors.training import holdout_split, seeded_module, train_autoencoder
 from anomap.errors import AnomapError
+
+from conftest import make_category
 
 FEATURES = {"backbone": "efficientnet_lite0", "image_size": 128, "device": "cpu", "seed": 0}
 
@@ -120,11 +120,14 @@ def test_threshold_is_mean_plus_3_sigma_of_held_out_scores(tmp_path):
     assert det.threshold_ == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: ConvAE(image_size=64, device="cpu", epochs=2, seed=7),
-    lambda: DFR(**{**FEATURES, "image_size": 64, "seed": 7}, epochs=2),
-    lambda: GlobalAE(**{**FEATURES, "image_size": 64, "seed": 7}, epochs=2),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: ConvAE(image_size=64, device="cpu", epochs=2, seed=7),
+        lambda: DFR(**{**FEATURES, "image_size": 64, "seed": 7}, epochs=2),
+        lambda: GlobalAE(**{**FEATURES, "image_size": 64, "seed": 7}, epochs=2),
+    ],
+)
 def test_same_seed_gives_identical_weights(make, toy):
     a, b = make().fit(toy.train[:5]), make().fit(toy.train[:5])
     for x, y in zip(a.net_.state_dict().values(), b.net_.state_dict().values()):

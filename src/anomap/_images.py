@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import struct
 import threading
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image
 
+from ._io import write_bytes
 from .errors import DataError
+
+if TYPE_CHECKING:  # decoding and resizing need only numpy and Pillow (see anomap.runtime)
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,15 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib
 _SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 # warnings.catch_warnings swaps a process-wide filter list; serialise our own uses of it.
 _WARNINGS_LOCK = threading.Lock()
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # EXIF orientation -> the transpose that undoes it
 
 
 def is_image_file(path: Path) -> bool:
@@ -82,18 +97,16 @@ def list_images(paths: Sequence[str | Path]) -> list[Path]:
     return list(found)
 
 
-def _open(path: Path) -> Image.Image:
-    """Open `path` lazily (header only), checking size limits; the content decides the format."""
+def _open(path: Path, data: bytes | None = None) -> Image.Image:
+    """Open `path` lazily (header only), checking size limits; the content decides the format.
+    With `data`, the image is those bytes and `path` only names it in messages."""
     try:
-        if path.stat().st_size == 0:
+        if (path.stat().st_size if data is None else len(data)) == 0:
             raise DataError(f"{path}: the file is empty (0 bytes); replace or remove it")
-        with _WARNINGS_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path, formats=FORMATS)
+        with _pil_warnings(path):
+            img = Image.open(path if data is None else io.BytesIO(data), formats=FORMATS)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-        raise DataError(
-            f"{path}: the image is too large to decode safely ({err}); downscale it first"
-        ) from err
+        raise DataError(f"{path}: the image is too large to decode safely ({err}); downscale it first") from err
     except Image.UnidentifiedImageError as err:
         raise DataError(f"{path}: not a PNG, JPEG, BMP or TIFF image; remove it or convert it to PNG") from err
     except PermissionError as err:
@@ -109,15 +122,40 @@ def _open(path: Path) -> Image.Image:
     return img
 
 
-def _decoded(path: Path) -> Image.Image:
-    """Fully decode `path` and apply its EXIF orientation."""
-    img = _open(path)
+def _decoded(path: Path, data: bytes | None = None) -> Image.Image:
+    """Fully decode `path` (or `data`, see `_open`) and apply its EXIF orientation."""
+    img = _open(path, data)
     try:
         with img:
             img.load()
-            return ImageOps.exif_transpose(img)
+            method = _TRANSPOSE.get(_orientation(img, path))
+            return img.copy() if method is None else img.transpose(method)
     except _DECODE_ERRORS as err:
         raise DataError(f"{path}: the image is truncated or damaged ({err}); replace it") from err
+
+
+@contextmanager
+def _pil_warnings(path: Path) -> Iterator[None]:
+    """PIL's warnings while reading `path` (damaged metadata) become one log line naming the file,
+    not Python's raw two-line warning text; a decompression-bomb warning is raised as an error."""
+    with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+    if caught:
+        problems = "; ".join(dict.fromkeys(str(w.message) for w in caught))
+        log.warning("%s: damaged metadata, read as far as possible (%s)", path, problems)
+
+
+def _orientation(img: Image.Image, path: Path) -> int:
+    """The EXIF orientation; 1 when absent or unreadable (logged by `_pil_warnings`)."""
+    with _pil_warnings(path):
+        try:
+            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
+        except _DECODE_ERRORS as err:
+            warnings.warn(f"unreadable EXIF data ({err})", stacklevel=1)
+            orientation = 1
+    return orientation if isinstance(orientation, int) else 1
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -125,10 +163,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
     path = Path(path)
     with _open(path) as img:
         w, h = img.size
-        try:
-            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
-        except _DECODE_ERRORS:
-            orientation = 1  # unreadable EXIF: exif_transpose leaves such images as they are too
+        orientation = _orientation(img, path)
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 
 
@@ -148,7 +183,24 @@ def load_image(path: str | Path) -> np.ndarray:
             floating-point pixel type.
     """
     path = Path(path)
-    img = _decoded(path)
+    return _rgb(path, _decoded(path))
+
+
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+    """`load_image` for an encoded image held in memory (e.g. an upload): the same formats,
+    checks and conversions; nothing touches the filesystem. `name` only labels errors.
+
+    Returns:
+        (H, W, 3) uint8 array.
+
+    Raises:
+        DataError: as for `load_image`.
+    """
+    return _rgb(Path(name), _decoded(Path(name), data))
+
+
+def _rgb(path: Path, img: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 of a decoded image; DataError naming `path` for float or unconvertible pixels."""
     if img.mode == "F":
         raise DataError(f"{path}: floating-point images are not supported; save it as 8- or 16-bit")
     try:
@@ -193,6 +245,45 @@ def load_mask(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: pixel type {img.mode} cannot be read as a mask ({err})") from err
 
 
+def png_bytes(array: np.ndarray, runs: bool = False) -> bytes:
+    """A uint8 array (H, W) (grey) or (H, W, 3) (RGB) encoded as PNG.
+
+    Every row gets PNG's "Sub" filter (the difference to the pixel on its left) and the rows are
+    deflated at zlib level 1, which takes about half the time of PIL's encoder (it tries four
+    filters per row) for files a few percent larger; pictures are written for every scored image.
+    `runs` uses zlib's run-length strategy: faster again and as small for drawn pictures
+    (heatmaps, masks), but larger for photographs.
+    """
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        raise ValueError(f"expected an (H, W) or (H, W, 3) uint8 array, got {array.dtype} of shape {array.shape}")
+    height, width = array.shape[:2]
+    step = 1 if array.ndim == 2 else 3  # bytes per pixel
+    rows = np.ascontiguousarray(array).reshape(height, width * step)
+    filtered = np.empty((height, width * step + 1), np.uint8)
+    filtered[:, 0] = 1  # the filter type of each row: Sub
+    filtered[:, 1 : step + 1] = rows[:, :step]
+    np.subtract(rows[:, step:], rows[:, :-step], out=filtered[:, step + 1 :])  # modulo 256
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE if runs else zlib.Z_DEFAULT_STRATEGY)
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if step == 1 else 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        _png_chunk(kind, data)
+        for kind, data in (
+            (b"IHDR", header),
+            (b"IDAT", deflate.compress(filtered.tobytes()) + deflate.flush()),
+            (b"IEND", b""),
+        )
+    )
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def save_png(path: str | Path, array: np.ndarray, runs: bool = False) -> None:
+    """Write a uint8 array (H, W) or (H, W, 3) as PNG (see `png_bytes`), atomically."""
+    write_bytes(path, png_bytes(array, runs))
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Resize, centre-crop and normalise images; resize and crop masks the same way.
@@ -233,13 +324,31 @@ class Preprocess:
 
     def image(self, img: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB -> (3, S, S) float32 normalised (antialiased bilinear resize)."""
+        import torch
+
+        shift, scale = self.normalization()
+        pixels = self.pixels(img).astype(np.float32)  # (S, S, 3) in [0, 255]
+        pixels -= shift
+        pixels *= scale
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+    def pixels(self, img: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 RGB -> (S, S, 3) uint8 resized (antialiased bilinear) and cropped."""
         if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 image, got {img.dtype} of shape {img.shape}")
-        resized = self._resize(Image.fromarray(img), Image.Resampling.BILINEAR)
-        pixels = np.asarray(resized, dtype=np.float32)  # (S, S, 3) in [0, 255]
-        pixels -= np.float32(255) * np.array(self.mean, np.float32)
-        pixels *= 1 / (np.float32(255) * np.array(self.std, np.float32))
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        return np.asarray(self._resize(Image.fromarray(img), Image.Resampling.BILINEAR))
+
+    def normalization(self) -> tuple[np.ndarray, np.ndarray]:
+        """(3,) float32 shift and scale: a normalised value is (pixel - shift) * scale."""
+        return (
+            np.float32(255) * np.array(self.mean, np.float32),
+            1 / (np.float32(255) * np.array(self.std, np.float32)),
+        )
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the centred crop of a resized width x height image."""
+        left, top = round((width - self.crop) / 2), round((height - self.crop) / 2)
+        return left, top, left + self.crop, top + self.crop
 
     def mask(self, mask: np.ndarray) -> np.ndarray:
         """(H, W) bool -> (S, S) bool, nearest-neighbour, aligned with `image`."""
@@ -255,7 +364,4 @@ class Preprocess:
         else:
             scale = self.size / min(w, h)
             img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))), resample)
-        if self.crop is None:
-            return img
-        left, top = round((img.width - self.crop) / 2), round((img.height - self.crop) / 2)
-        return img.crop((left, top, left + self.crop, top + self.crop))
+        return img if self.crop is None else img.crop(self.crop_box(img.width, img.height))

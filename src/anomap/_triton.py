@@ -11,8 +11,9 @@ _ELEMENTS = 16384  # (rows x padded dims) loaded per program of the sweep
 
 
 @triton.jit
-def _sweep(x_ptr, xn_ptr, mind_ptr, new_ptr, bmax_ptr, barg_ptr, n, d,
-           DP: tl.constexpr, ROWS: tl.constexpr):  # pragma: no cover - compiled
+def _sweep(
+    x_ptr, xn_ptr, mind_ptr, new_ptr, bmax_ptr, barg_ptr, n, d, DP: tl.constexpr, ROWS: tl.constexpr
+):  # pragma: no cover - compiled
     """mind = min(mind, |x - x[new]|^2) for one block of rows; the block's max and first argmax."""
     pid = tl.program_id(0)
     new = tl.load(new_ptr)
@@ -32,8 +33,9 @@ def _sweep(x_ptr, xn_ptr, mind_ptr, new_ptr, bmax_ptr, barg_ptr, n, d,
 
 
 @triton.jit
-def _pick(bmax_ptr, barg_ptr, blocks, new_ptr, step_ptr, chosen_ptr, gain_ptr,
-          NB: tl.constexpr):  # pragma: no cover - compiled
+def _pick(
+    bmax_ptr, barg_ptr, blocks, new_ptr, step_ptr, chosen_ptr, gain_ptr, NB: tl.constexpr
+):  # pragma: no cover - compiled
     """The farthest point over all blocks becomes the next center, written at position `step`."""
     offs = tl.arange(0, NB)
     v = tl.load(bmax_ptr + offs, mask=offs < blocks, other=-1.0)
@@ -72,11 +74,23 @@ class GreedySweep:
         self._sweep()  # distances to the first center
 
     def _sweep(self) -> None:
-        _sweep[(self.blocks,)](self.x, self.xn, self.mind, self.new, self.bmax, self.barg, self.n, self.d,
-                               DP=self.dp, ROWS=self.rows, num_warps=8)
+        _sweep[(self.blocks,)](
+            self.x,
+            self.xn,
+            self.mind,
+            self.new,
+            self.bmax,
+            self.barg,
+            self.n,
+            self.d,
+            DP=self.dp,
+            ROWS=self.rows,
+            num_warps=8,
+        )
 
     def steps(self, count: int) -> None:
         for _ in range(count):
-            _pick[(1,)](self.bmax, self.barg, self.blocks, self.new, self.step, self.chosen, self.gain,
-                        NB=self.nb, num_warps=8)
+            _pick[(1,)](
+                self.bmax, self.barg, self.blocks, self.new, self.step, self.chosen, self.gain, NB=self.nb, num_warps=8
+            )
             self._sweep()

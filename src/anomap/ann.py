@@ -49,8 +49,9 @@ def cells(bank_size: int) -> int:
 def ivf_centroids(bank: torch.Tensor, nlist: int, seed: int) -> torch.Tensor:
     """(K, D) bank -> (nlist, D) float32 k-means centroids (20 iterations on a seeded sample of at
     most `SAMPLE_PER_CELL` entries per cell)."""
-    kmeans = _faiss().Kmeans(bank.shape[1], nlist, niter=20, seed=seed, verbose=False,
-                             max_points_per_centroid=SAMPLE_PER_CELL)
+    kmeans = _faiss().Kmeans(
+        bank.shape[1], nlist, niter=20, seed=seed, verbose=False, max_points_per_centroid=SAMPLE_PER_CELL
+    )
     kmeans.train(_array(bank))
     return torch.from_numpy(kmeans.centroids.copy())
 
@@ -66,8 +67,9 @@ def ivf_index(bank: torch.Tensor, centroids: torch.Tensor):
     return index
 
 
-def search(index, queries: torch.Tensor, k: int, nprobe: int | None = None,
-           exclude: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def search(
+    index, queries: torch.Tensor, k: int, nprobe: int | None = None, exclude: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """k nearest entries of (M, D) queries: distances (M, k) ascending and indices (M, k) int64,
     on the queries' device.
 

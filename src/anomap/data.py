@@ -13,14 +13,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._images import (IMAGENET_MEAN, IMAGENET_STD, MIN_SIDE, SUFFIXES_TEXT, Preprocess, image_size,
-                      is_image_file, list_images, load_image, load_mask)
+from ._images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MIN_SIDE,
+    SUFFIXES_TEXT,
+    Preprocess,
+    image_size,
+    is_image_file,
+    list_images,
+    load_image,
+    load_mask,
+)
 from .errors import DataError
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "MIN_SIDE", "ImageFolder", "MVTecAD", "Preprocess", "Sample",
-    "categories", "describe", "image_size", "iter_batches", "list_images", "load_image",
-    "load_mask", "load_masks",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MIN_SIDE",
+    "ImageFolder",
+    "MVTecAD",
+    "Preprocess",
+    "Sample",
+    "categories",
+    "describe",
+    "image_size",
+    "iter_batches",
+    "list_images",
+    "load_image",
+    "load_mask",
+    "load_masks",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,18 +84,20 @@ def _pair_masks(images: list[Path], masks: list[Path], image_dir: Path) -> dict[
     by_stem: dict[str, Path] = {}
     for image in images:
         if image.stem in by_stem:
-            raise DataError(f"{image} and {by_stem[image.stem]} share a file stem, so masks cannot "
-                            "be matched to them; rename one")
+            raise DataError(
+                f"{image} and {by_stem[image.stem]} share a file stem, so masks cannot be matched to them; rename one"
+            )
         by_stem[image.stem] = image
     pairs: dict[Path, Path] = {}
     for mask in masks:
         stems = sorted({mask.stem, mask.stem.removesuffix("_mask")} & by_stem.keys())
         if not stems:
-            raise DataError(f"{mask}: no image in {image_dir} is named "
-                            f"{mask.stem.removesuffix('_mask')}.*; remove the mask or add its image")
+            raise DataError(
+                f"{mask}: no image in {image_dir} is named "
+                f"{mask.stem.removesuffix('_mask')}.*; remove the mask or add its image"
+            )
         if len(stems) > 1:
-            raise DataError(f"{mask}: matches both {by_stem[stems[0]]} and {by_stem[stems[1]]}; "
-                            "rename one of them")
+            raise DataError(f"{mask}: matches both {by_stem[stems[0]]} and {by_stem[stems[1]]}; rename one of them")
         image = by_stem[stems[0]]
         if image in pairs:
             raise DataError(f"{image} has two masks, {pairs[image]} and {mask}; keep one")
@@ -91,8 +115,9 @@ def _anomalous_samples(image_dir: Path, defect: str, mask_dir: Path | None, hint
     missing = [p for p in images if p not in pairs]
     if missing:
         more = f" (and {len(missing) - 1} more images)" if len(missing) > 1 else ""
-        raise DataError(f"{missing[0]}: no mask {mask_dir / (missing[0].stem + '_mask.png')}"
-                        f"{more}; add the masks, or {hint}")
+        raise DataError(
+            f"{missing[0]}: no mask {mask_dir / (missing[0].stem + '_mask.png')}{more}; add the masks, or {hint}"
+        )
     return [Sample(p, 1, defect, pairs[p]) for p in images]
 
 
@@ -174,8 +199,9 @@ class ImageFolder:
         DataError: neither folder given, a folder missing or empty, masks not matching.
     """
 
-    def __init__(self, good: str | Path | None = None, anomalous: str | Path | None = None,
-                 masks: str | Path | None = None) -> None:
+    def __init__(
+        self, good: str | Path | None = None, anomalous: str | Path | None = None, masks: str | Path | None = None
+    ) -> None:
         if good is None and anomalous is None:
             raise DataError("ImageFolder needs a folder of good images, of anomalous images, or both")
         if masks is not None and anomalous is None:
@@ -201,8 +227,7 @@ class ImageFolder:
         if not folder.is_dir():
             raise DataError(f"{folder}: folder not found")
         if not _images_in(folder):
-            raise DataError(f"{folder}: no images ({SUFFIXES_TEXT}) directly inside; "
-                            "sub-folders are not searched")
+            raise DataError(f"{folder}: no images ({SUFFIXES_TEXT}) directly inside; sub-folders are not searched")
 
 
 def _prepared(item: Sample | str | os.PathLike | np.ndarray, preprocess: Preprocess) -> torch.Tensor:
@@ -213,7 +238,7 @@ def _prepared(item: Sample | str | os.PathLike | np.ndarray, preprocess: Preproc
 
 def _tensor_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     for start in range(0, len(images), batch_size):
-        yield images[start:start + batch_size]
+        yield images[start : start + batch_size]
 
 
 # decoding threads: two on small machines, up to eight where there are cores to feed a GPU
@@ -221,9 +246,10 @@ _DECODE_THREADS = min(8, max(2, (os.cpu_count() or 2) // 2))
 
 
 def _prefetched_batches(items: Sequence, preprocess: Preprocess, batch_size: int) -> Iterator[torch.Tensor]:
-    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     pool = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="anomap-data")
     try:
+
         def submit(k: int) -> list[Future]:
             return [pool.submit(_prepared, x, preprocess) for x in chunks[k]] if k < len(chunks) else []
 
@@ -236,8 +262,9 @@ def _prefetched_batches(items: Sequence, preprocess: Preprocess, batch_size: int
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def iter_batches(images: Sequence[Sample | str | Path | np.ndarray] | torch.Tensor, preprocess: Preprocess,
-                 batch_size: int = 32) -> Iterator[torch.Tensor]:
+def iter_batches(
+    images: Sequence[Sample | str | Path | np.ndarray] | torch.Tensor, preprocess: Preprocess, batch_size: int = 32
+) -> Iterator[torch.Tensor]:
     """Preprocessed images in order, `batch_size` at a time (the last batch may be smaller).
 
     Args:
@@ -271,8 +298,10 @@ def _prepared_mask(sample: Sample, preprocess: Preprocess) -> np.ndarray:
     mask = load_mask(sample.mask_path)
     if mask.shape != image_size(sample.path):
         (mh, mw), (ih, iw) = mask.shape, image_size(sample.path)
-        raise DataError(f"{sample.mask_path} is {mw}x{mh} pixels but its image {sample.path} is "
-                        f"{iw}x{ih}; a mask must match its image pixel for pixel")
+        raise DataError(
+            f"{sample.mask_path} is {mw}x{mh} pixels but its image {sample.path} is "
+            f"{iw}x{ih}; a mask must match its image pixel for pixel"
+        )
     return preprocess.mask(mask)
 
 

@@ -28,12 +28,15 @@ def resolve_device(device: str) -> torch.device:
 class FeatureParams:
     """The backbone parameters shared by every detector built on pretrained features."""
 
-    backbone: str = param("wide_resnet50_2", Choice(tuple(backbone_names())),
-                          "pretrained network whose feature maps are used")
-    layers: tuple[str, ...] = param(("layer2", "layer3"), Names(LAYERS),
-                                    "backbone layers used, the first one sets the feature grid")
-    weights: str = param("imagenet", Text(),
-                         "backbone weights: imagenet, random, or the path of a .pth/.safetensors state dict")
+    backbone: str = param(
+        "wide_resnet50_2", Choice(tuple(backbone_names())), "pretrained network whose feature maps are used"
+    )
+    layers: tuple[str, ...] = param(
+        ("layer2", "layer3"), Names(LAYERS), "backbone layers used, the first one sets the feature grid"
+    )
+    weights: str = param(
+        "imagenet", Text(), "backbone weights: imagenet, random, or the path of a .pth/.safetensors state dict"
+    )
 
 
 class Encoder:

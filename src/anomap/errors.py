@@ -23,3 +23,7 @@ class ScoreError(AnomapError):
 
 class ParamError(AnomapError):
     """A parameter has the wrong type or lies outside its allowed values."""
+
+
+class ExportError(AnomapError):
+    """A model cannot be exported as a graph, or an exported file cannot be used."""

@@ -18,8 +18,17 @@ from scipy import ndimage
 from anomap.errors import ScoreError
 
 __all__ = [
-    "aupro", "classification_report", "evaluate", "f1_optimal_threshold", "image_auprc",
-    "image_auroc", "pixel_auroc", "pr_curve", "pro_curve", "roc_curve", "sigma_threshold",
+    "aupro",
+    "classification_report",
+    "evaluate",
+    "f1_optimal_threshold",
+    "image_auprc",
+    "image_auroc",
+    "pixel_auroc",
+    "pr_curve",
+    "pro_curve",
+    "roc_curve",
+    "sigma_threshold",
 ]
 
 # 8-connectivity for ground-truth regions, as in the MVTec AD evaluation.
@@ -51,9 +60,7 @@ def _as_binary(values, name: str) -> np.ndarray:
         raise ScoreError(f"{name} must hold 0/1 or True/False values, got dtype {arr.dtype}.")
     binary = arr == 1
     if not np.all(binary | (arr == 0)):
-        raise ScoreError(
-            f"{name} must hold only 0/1 or True/False values; binarize them first (e.g. mask > 0)."
-        )
+        raise ScoreError(f"{name} must hold only 0/1 or True/False values; binarize them first (e.g. mask > 0).")
     return binary
 
 
@@ -62,13 +69,10 @@ def _check_image_inputs(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     labels = _as_binary(labels, "labels")
     scores = _as_finite(scores, "scores")
     if labels.ndim != 1 or scores.ndim != 1:
-        raise ScoreError(
-            f"labels and scores must be 1-D, got shapes {labels.shape} and {scores.shape}."
-        )
+        raise ScoreError(f"labels and scores must be 1-D, got shapes {labels.shape} and {scores.shape}.")
     if len(labels) != len(scores):
         raise ScoreError(
-            f"labels and scores differ in length ({len(labels)} vs {len(scores)}); "
-            "pass one score per labelled image."
+            f"labels and scores differ in length ({len(labels)} vs {len(scores)}); pass one score per labelled image."
         )
     if len(labels) == 0:
         raise ScoreError("labels and scores are empty; metrics need at least one image.")

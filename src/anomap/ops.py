@@ -25,7 +25,7 @@ _GRAPH_STEPS = 128  # greedy coreset steps per captured CUDA graph
 
 
 def half_dtype(precision: str) -> torch.dtype:
-    """"fp16" -> torch.float16, "bf16" -> torch.bfloat16; "fp32" -> torch.float32."""
+    """ "fp16" -> torch.float16, "bf16" -> torch.bfloat16; "fp32" -> torch.float32."""
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 

@@ -69,8 +69,12 @@ class Float:
         value = float(value)
         if not math.isfinite(value):
             raise ValueError
-        if value < self.lo or value > self.hi or (self.open_lo and value == self.lo) or (
-                self.open_hi and value == self.hi):
+        if (
+            value < self.lo
+            or value > self.hi
+            or (self.open_lo and value == self.lo)
+            or (self.open_hi and value == self.hi)
+        ):
             raise ValueError
         return value
 
@@ -196,8 +200,10 @@ def check_memory(nbytes: int, what: str) -> None:
     """Refuse work whose buffers alone would exceed this machine's physical memory."""
     limit = machine_memory()
     if nbytes > limit:
-        raise ParamError(f"{what} would need {nbytes / 2**30:.1f} GiB, more than this machine's "
-                         f"{limit / 2**30:.1f} GiB of memory; use a smaller image_size or fewer features")
+        raise ParamError(
+            f"{what} would need {nbytes / 2**30:.1f} GiB, more than this machine's "
+            f"{limit / 2**30:.1f} GiB of memory; use a smaller image_size or fewer features"
+        )
 
 
 # Shared declarations ------------------------------------------------------------------------

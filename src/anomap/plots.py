@@ -2,20 +2,22 @@
 curves, score distributions and the confusion matrix.
 
 Figures are built with `matplotlib.figure.Figure`, not pyplot, so no global state or GUI backend
-is involved and plotting is safe in any process.
+is involved and plotting is safe in any process. matplotlib and scipy.stats are imported when a
+plot is drawn: `pixel_curves` and `thin_curve` need numpy only.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-from scipy import stats
 
 from . import metrics
 from ._io import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 NORMAL_COLOUR, ANOMALOUS_COLOUR, THRESHOLD_COLOUR = "tab:blue", "tab:red", "black"
 MAX_POINTS = 2000
@@ -49,10 +51,19 @@ def pixel_curves(masks: np.ndarray, maps: np.ndarray, max_points: int = MAX_POIN
     """
     if not masks.any() or masks.all():
         return None
-    roc = thin_curve(*metrics.roc_curve(masks.ravel(), maps.ravel()), max_points)
-    pro = thin_curve(*metrics.pro_curve(masks, maps, fpr_limit=0.3), max_points)
-    return {"roc": {"fpr": roc[0].tolist(), "tpr": roc[1].tolist()},
-            "pro": {"fpr": pro[0].tolist(), "pro": pro[1].tolist()}}
+    # rates, clipped to [0, 1]: averaging overlaps can round a full overlap to 1 + 5e-14
+    roc = np.clip(thin_curve(*metrics.roc_curve(masks.ravel(), maps.ravel()), max_points), 0, 1)
+    pro = np.clip(thin_curve(*metrics.pro_curve(masks, maps, fpr_limit=0.3), max_points), 0, 1)
+    return {
+        "roc": {"fpr": roc[0].tolist(), "tpr": roc[1].tolist()},
+        "pro": {"fpr": pro[0].tolist(), "pro": pro[1].tolist()},
+    }
+
+
+def _figure(figsize: tuple[float, float]) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -66,10 +77,16 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def plot_roc(path: Path, labels: np.ndarray, scores: np.ndarray, image_auroc: float | None,
-             pixel: dict | None = None, pixel_auroc: float | None = None) -> Path:
+def plot_roc(
+    path: Path,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    image_auroc: float | None,
+    pixel: dict | None = None,
+    pixel_auroc: float | None = None,
+) -> Path:
     """Image ROC curve of `labels`/`scores` (N,), plus the pixel one from `pixel_curves` if given."""
-    fig = Figure(figsize=(5, 4.5))
+    fig = _figure((5, 4.5))
     ax = fig.add_subplot()
     fpr, tpr = metrics.roc_curve(labels, scores)
     ax.plot(fpr, tpr, drawstyle="steps-post", label=f"image (AUROC {_fmt(image_auroc)})")
@@ -83,7 +100,7 @@ def plot_roc(path: Path, labels: np.ndarray, scores: np.ndarray, image_auroc: fl
 
 def plot_pr(path: Path, labels: np.ndarray, scores: np.ndarray, auprc: float | None) -> Path:
     """Image precision-recall curve; the dotted line is the share of anomalous images."""
-    fig = Figure(figsize=(5, 4.5))
+    fig = _figure((5, 4.5))
     ax = fig.add_subplot()
     recall, precision = metrics.pr_curve(labels, scores)
     ax.plot(recall, precision, drawstyle="steps-post", label=f"image (AUPRC {_fmt(auprc)})")
@@ -95,7 +112,7 @@ def plot_pr(path: Path, labels: np.ndarray, scores: np.ndarray, auprc: float | N
 
 def plot_pro(path: Path, pixel: dict, aupro: float | None) -> Path:
     """PRO against pixel FPR up to 0.3, from `pixel_curves`."""
-    fig = Figure(figsize=(5, 4.5))
+    fig = _figure((5, 4.5))
     ax = fig.add_subplot()
     ax.plot(pixel["pro"]["fpr"], pixel["pro"]["pro"], label=f"AUPRO@0.3 {_fmt(aupro)}")
     ax.set(xlabel="pixel false positive rate", ylabel="per-region overlap", title="PRO", xlim=(0, 0.3), ylim=(0, 1.02))
@@ -107,6 +124,8 @@ def _kde(ax, values: np.ndarray, grid: np.ndarray, colour: str, label: str) -> N
     """Gaussian KDE of `values`, skipped when it is undefined (fewer than 2 distinct values)."""
     if len(np.unique(values)) < 2:
         return
+    from scipy import stats
+
     density = stats.gaussian_kde(values)(grid)
     ax.plot(grid, density, color=colour, label=label)
     ax.fill_between(grid, density, color=colour, alpha=0.15)
@@ -117,7 +136,7 @@ def plot_scores(path: Path, labels: np.ndarray, scores: np.ndarray, threshold: f
     labels, scores = np.asarray(labels, bool), np.asarray(scores, np.float64)
     groups = [(scores[~labels], NORMAL_COLOUR, "normal"), (scores[labels], ANOMALOUS_COLOUR, "anomalous")]
     groups = [g for g in groups if len(g[0])]
-    fig = Figure(figsize=(12, 4))
+    fig = _figure((12, 4))
     hist, kde, box = fig.subplots(1, 3)
     lo, hi = min(scores.min(), threshold or scores.min()), max(scores.max(), threshold or scores.max())
     pad = 0.1 * (hi - lo or 1.0)
@@ -133,6 +152,8 @@ def plot_scores(path: Path, labels: np.ndarray, scores: np.ndarray, threshold: f
             ax.axvline(threshold, color=THRESHOLD_COLOUR, ls="--", label=f"threshold {threshold:.4g}")
         box.axhline(threshold, color=THRESHOLD_COLOUR, ls="--")
     hist.set(xlabel="image score", ylabel="images", title="Histogram")
+    from matplotlib.ticker import MaxNLocator
+
     hist.yaxis.set_major_locator(MaxNLocator(integer=True))
     kde.set(xlabel="image score", ylabel="density", title="Kernel density")
     box.set(ylabel="image score", title="Box plot")
@@ -144,19 +165,28 @@ def plot_scores(path: Path, labels: np.ndarray, scores: np.ndarray, threshold: f
 def plot_confusion(path: Path, matrix: list[list[int]]) -> Path:
     """Confusion matrix [[tn, fp], [fn, tp]] with counts in the cells."""
     counts = np.asarray(matrix)
-    fig = Figure(figsize=(4.2, 3.8))
+    fig = _figure((4.2, 3.8))
     ax = fig.add_subplot()
     ax.imshow(counts, cmap="Blues", vmin=0, vmax=max(int(counts.max()), 1))
     for (row, col), n in np.ndenumerate(counts):
-        ax.text(col, row, str(n), ha="center", va="center", fontsize=16,
-                color="white" if n > counts.max() / 2 else "black")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["normal", "anomalous"], yticklabels=["normal", "anomalous"],
-           xlabel="decision", ylabel="truth", title="Confusion matrix")
+        ax.text(
+            col, row, str(n), ha="center", va="center", fontsize=16, color="white" if n > counts.max() / 2 else "black"
+        )
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=["normal", "anomalous"],
+        yticklabels=["normal", "anomalous"],
+        xlabel="decision",
+        ylabel="truth",
+        title="Confusion matrix",
+    )
     return _save(fig, path)
 
 
-def write_plots(folder: Path, labels: np.ndarray, scores: np.ndarray, result: dict,
-                pixel: dict | None = None) -> dict[str, Path]:
+def write_plots(
+    folder: Path, labels: np.ndarray, scores: np.ndarray, result: dict, pixel: dict | None = None
+) -> dict[str, Path]:
     """Draw every per-run plot that the data allows into `folder`.
 
     Args:
@@ -171,8 +201,9 @@ def write_plots(folder: Path, labels: np.ndarray, scores: np.ndarray, result: di
     labels = np.asarray(labels, bool)
     plots = {}
     if labels.any() and not labels.all():
-        plots["ROC"] = plot_roc(folder / "roc.png", labels, scores, result.get("image_auroc"),
-                                pixel, result.get("pixel_auroc"))
+        plots["ROC"] = plot_roc(
+            folder / "roc.png", labels, scores, result.get("image_auroc"), pixel, result.get("pixel_auroc")
+        )
         plots["Precision-recall"] = plot_pr(folder / "pr.png", labels, scores, result.get("image_auprc"))
     if pixel is not None:
         plots["PRO"] = plot_pro(folder / "pro.png", pixel, result.get("aupro"))

@@ -1,5 +1,6 @@
 """The evaluation protocol: seeded train/validation/test splits of a category and thresholds
-calibrated on the validation split, then applied unchanged to the test split.
+calibrated on the validation split, then applied unchanged to the test split. (Fitting on a
+split and calibrating a saved model are jobs of `anomap.runs`.)
 
 Splits of one category, for a seed:
 
@@ -18,22 +19,24 @@ same files on every machine.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import metrics
 from ._io import write_text
+from ._rng import stable_rng
 from .data import MVTecAD, Sample, describe
-from .detectors import Detector, create, load
 from .errors import AnomapError
 
-__all__ = ["THRESHOLDS", "Split", "calibrate", "calibrate_file", "fit_train_split", "split_category",
-           "stable_rng", "threshold_from_scores", "write_split_csv"]
+if TYPE_CHECKING:
+    from .detectors import Detector
+
+__all__ = ["THRESHOLDS", "Split", "calibrate", "split_category", "threshold_from_scores", "write_split_csv"]
 
 THRESHOLDS = ("f1", "sigma")
 
@@ -54,12 +57,6 @@ class Split:
         return {name: describe(samples) for name, samples in self.parts().items()}
 
 
-def stable_rng(seed: int, *keys: str) -> np.random.Generator:
-    """A generator seeded from `seed` and the strings `keys`, identical on every machine and run."""
-    digest = hashlib.sha256("\0".join(keys).encode()).digest()
-    return np.random.default_rng([seed, *np.frombuffer(digest[:16], dtype="<u4").tolist()])
-
-
 def _take(samples: list[Sample], fraction: float, rng: np.random.Generator) -> tuple[list[Sample], list[Sample]]:
     """Split samples (sorted by path first) into a random `fraction` and the rest, both path-sorted.
 
@@ -71,12 +68,10 @@ def _take(samples: list[Sample], fraction: float, rng: np.random.Generator) -> t
     if n >= 2:
         k = min(max(k, 1), n - 1)
     chosen = set(rng.permutation(n)[:k].tolist())
-    return ([s for i, s in enumerate(samples) if i in chosen],
-            [s for i, s in enumerate(samples) if i not in chosen])
+    return ([s for i, s in enumerate(samples) if i in chosen], [s for i, s in enumerate(samples) if i not in chosen])
 
 
-def split_category(data: MVTecAD, seed: int = 42, train_fraction: float = 0.8,
-                   val_fraction: float = 0.3) -> Split:
+def split_category(data: MVTecAD, seed: int = 42, train_fraction: float = 0.8, val_fraction: float = 0.3) -> Split:
     """Seeded train/val/test split of one category (see the module docstring).
 
     Args:
@@ -92,8 +87,9 @@ def split_category(data: MVTecAD, seed: int = 42, train_fraction: float = 0.8,
         if not 0 < value < 1:
             raise AnomapError(f"{name} must be between 0 and 1 (exclusive), got {value}")
     if len(data.train) < 2:
-        raise AnomapError(f"{data.root / data.category}: a split needs at least 2 training images, "
-                          f"found {len(data.train)}")
+        raise AnomapError(
+            f"{data.root / data.category}: a split needs at least 2 training images, found {len(data.train)}"
+        )
     train, val = _take(data.train, train_fraction, stable_rng(seed, data.category, "train/good"))
     test = [s for s in data.test if s.label == 0]
     for defect in sorted({s.defect for s in data.test if s.label == 1}):
@@ -148,27 +144,3 @@ def calibrate(det: Detector, val: Sequence[Sample], method: str = "f1", k: float
     threshold = threshold_from_scores(np.array([s.label for s in val]), scores, method, k)
     det.set_threshold(threshold)
     return threshold
-
-
-def fit_train_split(root: str | Path, category: str, split_seed: int = 42, method: str = "patchcore",
-                    **params) -> Detector:
-    """Fit a detector of `method` (with `params`) on the train split of `<root>/<category>`."""
-    return create(method, **params).fit(split_category(MVTecAD(root, category), split_seed).train)
-
-
-def calibrate_file(model: str | Path, root: str | Path, category: str, method: str = "f1", seed: int = 42,
-                   k: float = 3.0, device: str | None = None) -> tuple[float | None, float]:
-    """Calibrate a saved model's threshold on the category's val split and rewrite the file atomically.
-
-    The val normals are held-out training images only if the model was fitted on the train split
-    of the same seed (`fit_train_split`); a model fitted on all of `train/good` has seen them,
-    which lowers their scores and so the threshold.
-
-    Returns:
-        (old threshold, new threshold).
-    """
-    det = load(model, device=device)
-    old = det.threshold_
-    new = calibrate(det, split_category(MVTecAD(root, category), seed).val, method, k)
-    det.save(model)
-    return old, new

@@ -27,10 +27,11 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from ._images import save_png
+from ._io import refuse_inside
+from ._rng import stable_rng
 from .data import MVTecAD, Sample, load_image, load_mask
 from .errors import DataError
-from .pictures import save_png
-from .protocol import stable_rng
 
 __all__ = ["shift_category", "shift_image", "shift_samples", "shifted_sample"]
 
@@ -46,8 +47,9 @@ def _geometry(rng: np.random.Generator, shape: tuple[int, int]) -> tuple[np.ndar
     angle = np.deg2rad(rng.uniform(-10, 10))
     scale, ratio = rng.uniform(0.9, 1.0), np.exp(rng.uniform(np.log(0.9), np.log(1.1)))
     crop_h, crop_w = min(h, h * np.sqrt(scale / ratio)), min(w, w * np.sqrt(scale * ratio))
-    shift = np.array([rng.uniform(-(h - crop_h) / 2, (h - crop_h) / 2),
-                      rng.uniform(-(w - crop_w) / 2, (w - crop_w) / 2)])
+    shift = np.array(
+        [rng.uniform(-(h - crop_h) / 2, (h - crop_h) / 2), rng.uniform(-(w - crop_w) / 2, (w - crop_w) / 2)]
+    )
     shift += rng.uniform(-MAX_TRANSLATION, MAX_TRANSLATION, 2) * (h, w)
     cos, sin = np.cos(angle), np.sin(angle)
     matrix = np.array([[cos, -sin], [sin, cos]]) @ np.diag([crop_h / h, crop_w / w])
@@ -96,8 +98,9 @@ def _edge_point(rng: np.random.Generator) -> tuple[float, float]:
     return [(0.0, t), (1.0, t), (t, 0.0), (t, 1.0)][rng.integers(4)]
 
 
-def shift_image(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
-                ) -> tuple[np.ndarray, np.ndarray | None]:
+def shift_image(
+    image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Apply one random shift (module docstring) to an image and its mask.
 
     Args:
@@ -132,14 +135,20 @@ def shifted_sample(sample: Sample, src_root: str | Path, dst_root: str | Path) -
     return Sample(path, sample.label, sample.defect, mask)
 
 
-def shift_samples(samples: Sequence[Sample], src_root: str | Path, dst_root: str | Path, seed: int = 42,
-                  overwrite: bool = False) -> list[Sample]:
+def shift_samples(
+    samples: Sequence[Sample], src_root: str | Path, dst_root: str | Path, seed: int = 42, overwrite: bool = False
+) -> list[Sample]:
     """Write a shifted copy of each sample (and mask) under `dst_root`; return the copies' Samples.
 
     Each image's parameters come from `seed` and its path relative to `src_root`, so the copy of
     one image does not depend on which other images are shifted. Existing copies are kept unless
     `overwrite`.
+
+    Raises:
+        AnomapError: `dst_root` is `src_root` or lies inside it (the originals would be overwritten
+            or mixed with their copies).
     """
+    refuse_inside(dst_root, [src_root])
     out = []
     for sample in tqdm(samples, desc="shift", unit="img", leave=False):
         copy = shifted_sample(sample, src_root, dst_root)
@@ -157,8 +166,9 @@ def shift_samples(samples: Sequence[Sample], src_root: str | Path, dst_root: str
     return out
 
 
-def shift_category(root: str | Path, category: str, out_root: str | Path, seed: int = 42,
-                   overwrite: bool = False) -> Path:
+def shift_category(
+    root: str | Path, category: str, out_root: str | Path, seed: int = 42, overwrite: bool = False
+) -> Path:
     """Write a shifted copy of `<root>/<category>` (train, test, ground_truth) to `<out_root>/<category>`."""
     data = MVTecAD(root, category)
     shift_samples(data.train + data.test, root, out_root, seed, overwrite)

@@ -8,6 +8,7 @@ from ..errors import AnomapError
 from .base import REGISTRY, Detector, Prediction, load
 from .conv_ae import ConvAE
 from .dfr import DFR
+from .ensemble import Ensemble
 from .global_ae import GlobalAE
 from .global_knn import GlobalKNN
 from .padim import PaDiM
@@ -31,6 +32,17 @@ def methods() -> list[str]:
 
 
 __all__ = [
-    "ConvAE", "DFR", "Detector", "GlobalAE", "GlobalKNN", "PSFE", "PaDiM", "PatchCore", "Prediction",
-    "create", "load", "methods",
+    "ConvAE",
+    "DFR",
+    "Detector",
+    "Ensemble",
+    "GlobalAE",
+    "GlobalKNN",
+    "PSFE",
+    "PaDiM",
+    "PatchCore",
+    "Prediction",
+    "create",
+    "load",
+    "methods",
 ]

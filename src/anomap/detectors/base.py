@@ -44,8 +44,9 @@ class Detector:
     min_train_images: ClassVar[int] = 1
 
     image_size: int = param(256, IMAGE_SIZE, "images are resized to image_size x image_size pixels")
-    crop: int | None = param(None, Maybe(IMAGE_SIZE), "side of the centred square crop taken after resizing "
-                             "(null: no crop)")
+    crop: int | None = param(
+        None, Maybe(IMAGE_SIZE), "side of the centred square crop taken after resizing (null: no crop)"
+    )
     device: str = param("auto", Device(), "where the networks run: auto (a GPU when present), cpu, cuda")
     batch_size: int = param(16, BATCH_SIZE, "images per forward pass (and per training step)")
     seed: int = param(42, SEED, "seeds every random choice of the method")
@@ -100,8 +101,9 @@ class Detector:
         set the threshold to mean + 3 sigma of the normal scores. Returns self."""
         self.fitted_ = False
         if len(images) < self.min_train_images:
-            raise AnomapError(f"{self.method} needs at least {self.min_train_images} training images, "
-                              f"got {len(images)}")
+            raise AnomapError(
+                f"{self.method} needs at least {self.min_train_images} training images, got {len(images)}"
+            )
         self._setup()
         return self._complete_fit(self._fit(images))
 
@@ -189,7 +191,10 @@ def expect_shape(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int |
 def state_grid(state: dict[str, Any], limit: int) -> tuple[int, int]:
     """The stored feature grid (h, w): two integers from 1 to `limit`; else ValueError."""
     grid = state.get("grid")
-    if (not isinstance(grid, list) or len(grid) != 2
-            or any(isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= limit for g in grid)):
+    if (
+        not isinstance(grid, list)
+        or len(grid) != 2
+        or any(isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= limit for g in grid)
+    ):
         raise ValueError(f"grid must be two integers from 1 to {limit}, got {short(grid)}")
     return grid[0], grid[1]

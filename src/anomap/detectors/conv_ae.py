@@ -42,7 +42,11 @@ def _network(width: int, bottleneck: int) -> nn.Module:
     for cin, cout in zip(chans[:0:-1], chans[-2::-1]):
         decoder += [nn.ConvTranspose2d(cin, cout, 4, 2, 1), act()]
     return nn.Sequential(
-        *encoder, nn.Conv2d(chans[-1], bottleneck, 1), act(), nn.Conv2d(bottleneck, chans[-1], 1), act(),
+        *encoder,
+        nn.Conv2d(chans[-1], bottleneck, 1),
+        act(),
+        nn.Conv2d(bottleneck, chans[-1], 1),
+        act(),
         *decoder[:-1],  # linear output
     )
 
@@ -77,8 +81,9 @@ class ConvAE(Detector, TrainingParams):
     def _check_params(self) -> None:
         side = self.preprocess_.output_size
         if side % STRIDE:
-            raise ParamError(f"conv_ae needs an input side that is a multiple of {STRIDE}, got {side}; "
-                             "change image_size or crop")
+            raise ParamError(
+                f"conv_ae needs an input side that is a multiple of {STRIDE}, got {side}; change image_size or crop"
+            )
 
     @property
     def preprocess_(self) -> Preprocess:
@@ -91,8 +96,15 @@ class ConvAE(Detector, TrainingParams):
         fit_idx, held_idx = holdout_split(len(pixels), self.holdout, self.seed)
         self.net_ = seeded_module(lambda: _network(self.width, self.bottleneck), self.seed)
         self.train_losses_ = train_autoencoder(
-            self.net_, pixels[fit_idx], epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-            device=self.device_, seed=self.seed, prepare=_flip if self.augment else None, desc="conv_ae train",
+            self.net_,
+            pixels[fit_idx],
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            device=self.device_,
+            seed=self.seed,
+            prepare=_flip if self.augment else None,
+            desc="conv_ae train",
         )
         score = lambda x: self._score_batch(x.float())[0]  # noqa: E731
         return normal_scores(score, pixels, fit_idx, held_idx, self.batch_size, self.device_)

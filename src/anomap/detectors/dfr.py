@@ -41,8 +41,13 @@ from .training import (
 def _network(channels: int, latent: int) -> nn.Module:
     mid = (channels + latent) // 2
     return nn.Sequential(
-        nn.Conv2d(channels, mid, 1), nn.ReLU(), nn.Conv2d(mid, latent, 1), nn.ReLU(),
-        nn.Conv2d(latent, mid, 1), nn.ReLU(), nn.Conv2d(mid, channels, 1),
+        nn.Conv2d(channels, mid, 1),
+        nn.ReLU(),
+        nn.Conv2d(mid, latent, 1),
+        nn.ReLU(),
+        nn.Conv2d(latent, mid, 1),
+        nn.ReLU(),
+        nn.Conv2d(mid, channels, 1),
     )
 
 
@@ -68,8 +73,9 @@ class DFR(Detector, FeatureParams, TrainingParams):
 
     pool: int = param(3, Int(1, 15), "side of the local average applied to each feature map (1: none)")
     latent: int | None = param(None, Maybe(Int(1, 4096)), "bottleneck channels; null chooses them by PCA")
-    variance: float = param(0.9, Float(0, 1, open_lo=True), "share of the feature variance the PCA-sized "
-                            "bottleneck keeps")
+    variance: float = param(
+        0.9, Float(0, 1, open_lo=True), "share of the feature variance the PCA-sized bottleneck keeps"
+    )
     epochs: int = param(40, EPOCHS, "training epochs")
     blur_sigma: float = param(4.0, BLUR_SIGMA, "Gaussian blur of the anomaly map, in pixels")
 
@@ -88,8 +94,15 @@ class DFR(Detector, FeatureParams, TrainingParams):
         self.latent_ = self.latent or self._pca_latent(feats[fit_idx])
         self.net_ = seeded_module(lambda: _network(feats.shape[1], self.latent_), self.seed)
         self.train_losses_ = train_autoencoder(
-            self.net_, feats[fit_idx], epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-            device=self.device_, seed=self.seed, prepare=lambda x, _: self._standardize(x), desc="dfr train",
+            self.net_,
+            feats[fit_idx],
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            device=self.device_,
+            seed=self.seed,
+            prepare=lambda x, _: self._standardize(x),
+            desc="dfr train",
         )
         score = lambda x: self._score(x)[0]  # noqa: E731
         return normal_scores(score, feats, fit_idx, held_idx, self.batch_size, self.device_)

@@ -67,8 +67,14 @@ class GlobalAE(Detector, FeatureParams, TrainingParams):
         self.mean_, self.std_ = (s.to(self.device_) for s in channel_stats(vectors[fit_idx], [0]))
         self.net_ = seeded_module(lambda: _network(vectors.shape[1], self.hidden), self.seed)
         self.train_losses_ = train_autoencoder(
-            self.net_, vectors[fit_idx], epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-            device=self.device_, seed=self.seed, prepare=lambda x, _: self._standardize(x),
+            self.net_,
+            vectors[fit_idx],
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            device=self.device_,
+            seed=self.seed,
+            prepare=lambda x, _: self._standardize(x),
             desc="global_ae train",
         )
         return normal_scores(self._score, vectors, fit_idx, held_idx, self.batch_size, self.device_)

@@ -2,9 +2,9 @@
 
 Each requested layer is averaged over its whole grid (global average pooling) and the results are
 concatenated into one vector per image, stored centred on the training mean. The image score is
-the mean Euclidean distance to its `k` nearest training vectors (k=1 by default: the distance to the closest normal image, which needs no
-tuning and works with a handful of training images). The method does not localize: its anomaly map
-is constant over each image, equal to the image score.
+the mean Euclidean distance to its `k` nearest training vectors (k=1 by default: the distance to
+the closest normal image, which needs no tuning and works with a handful of training images). The
+method does not localize: its anomaly map is constant over each image, equal to the image score.
 
 Default threshold: mean + 3 sigma of leave-one-out scores of the training images,
 each scored against all the other training vectors (its own would give distance 0).

@@ -51,8 +51,9 @@ def save(det, path: str | Path, key: bytes | None = None) -> Path:
     return write_model_file(path, tensors, meta, key)
 
 
-def write_model_file(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str],
-                     key: bytes | None = None) -> Path:
+def write_model_file(
+    path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, str], key: bytes | None = None
+) -> Path:
     """Write tensors and metadata (str -> str) atomically, adding the `sha256` checksum and, with
     a `key`, the `signature`."""
     path = Path(path)
@@ -94,8 +95,9 @@ def load(path: str | Path, *, device: str | None = None, key: bytes | None = Non
         raise ModelFileError(f"{path}: not signed with this key (missing or wrong signature); refusing to load it")
     params, state = (_json_object(path, meta, name) for name in ("params", "state"))
     threshold = state.pop("threshold", None)
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not np.isfinite(threshold)):
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not np.isfinite(threshold)
+    ):
         raise ModelFileError(f"{path}: damaged metadata (threshold {short(threshold)} is not a finite number)")
     det = _built(path, meta["method"], params if device is None else {**params, "device": device})
     _restore(path, det, tensors, state)
@@ -193,8 +195,7 @@ def _digest(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
     """SHA-256 over the metadata except `sha256` and `signature`, then tensor names, dtypes,
     shapes and bytes."""
     h = hashlib.sha256()
-    h.update(json.dumps({k: v for k, v in meta.items() if k not in ("sha256", "signature")},
-                        sort_keys=True).encode())
+    h.update(json.dumps({k: v for k, v in meta.items() if k not in ("sha256", "signature")}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous().reshape(-1)
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())

@@ -101,14 +101,19 @@ class PaDiM(Detector, FeatureParams):
     method = "padim"
     min_train_images = 3  # the leave-one-out covariance divides by n - 2
 
-    layers: tuple[str, ...] = param(("layer1", "layer2", "layer3"), Names(LAYERS),
-                                    "backbone layers used, the first one sets the feature grid")
-    n_features: int | None = param(None, Maybe(Int(1, 4096)), "channels kept (a seeded random subset); "
-                                   "null: 100, or 550 for backbones with 1000 channels or more")
+    layers: tuple[str, ...] = param(
+        ("layer1", "layer2", "layer3"), Names(LAYERS), "backbone layers used, the first one sets the feature grid"
+    )
+    n_features: int | None = param(
+        None,
+        Maybe(Int(1, 4096)),
+        "channels kept (a seeded random subset); null: 100, or 550 for backbones with 1000 channels or more",
+    )
     eps: float = param(0.01, Float(0, 1e6, open_lo=True), "ridge added to each covariance's diagonal")
     blur_sigma: float = param(4.0, BLUR_SIGMA, "Gaussian blur of the anomaly map, in pixels")
-    threshold_images: int = param(200, THRESHOLD_IMAGES, "at most this many training images give the "
-                                  "leave-one-out threshold")
+    threshold_images: int = param(
+        200, THRESHOLD_IMAGES, "at most this many training images give the leave-one-out threshold"
+    )
 
     def _check_params(self) -> None:
         self._channel_subset()

@@ -65,26 +65,41 @@ class PatchCore(Detector, FeatureParams):
     method = "patchcore"
     min_train_images = 2
 
-    target_dim: int | None = param(None, Maybe(Int(1, 65536)), "reduce patch features to this many channels "
-                                   "(average pooling over channels); null keeps all")
-    sampler: str = param("coreset", Choice(SAMPLERS), "coreset (greedy k-center), random (seeded fraction) "
-                         "or none (all patches)")
+    target_dim: int | None = param(
+        None,
+        Maybe(Int(1, 65536)),
+        "reduce patch features to this many channels (average pooling over channels); null keeps all",
+    )
+    sampler: str = param(
+        "coreset", Choice(SAMPLERS), "coreset (greedy k-center), random (seeded fraction) or none (all patches)"
+    )
     coreset_ratio: float = param(0.1, Float(0, 1, open_lo=True), "fraction of patches kept in the memory bank")
-    coreset_chunk: int | None = param(100_000, Maybe(Int(1, 10**9)), "at most this many patches per sampler "
-                                      "block (null: one block)")
-    project_dim: int = param(128, Int(1, 65536), "dimension of the random projection the coreset distances "
-                             "are measured on")
+    coreset_chunk: int | None = param(
+        100_000, Maybe(Int(1, 10**9)), "at most this many patches per sampler block (null: one block)"
+    )
+    project_dim: int = param(
+        128, Int(1, 65536), "dimension of the random projection the coreset distances are measured on"
+    )
     k: int = param(1, Int(1, 1000), "nearest memory bank entries averaged into a patch score")
-    search: str = param("auto", Choice(SEARCHES), "exact (chunked, CPU or CUDA), faiss (exact flat index, "
-                        f"CPU), ivf (approximate, sublinear), or auto: ivf on CPU from {IVF_MIN_BANK} bank entries on")
+    search: str = param(
+        "auto",
+        Choice(SEARCHES),
+        "exact (chunked, CPU or CUDA), faiss (exact flat index, "
+        f"CPU), ivf (approximate, sublinear), or auto: ivf on CPU from {IVF_MIN_BANK} bank entries on",
+    )
     ivf_probe: int = param(16, Int(1, 100_000), "IVF cells visited per query (more: closer to exact)")
     reweight: bool = param(False, Bool(), "apply the paper's Eq. 7 reweighting to the image score")
     reweight_neighbors: int = param(9, Int(1, 1000), "bank neighbourhood size used by the reweighting")
     blur_sigma: float = param(4.0, BLUR_SIGMA, "Gaussian blur of the anomaly map, in pixels")
-    precision: str = param("fp32", Choice(PRECISIONS), "fp32; or fp16 / bf16: the backbone under autocast and "
-                           f"a half-precision search, each image's {RECHECK} highest patches re-measured in fp32")
-    threshold_images: int = param(200, THRESHOLD_IMAGES, "at most this many training images give the "
-                                  "leave-out threshold")
+    precision: str = param(
+        "fp32",
+        Choice(PRECISIONS),
+        "fp32; or fp16 / bf16: the backbone under autocast and "
+        f"a half-precision search, each image's {RECHECK} highest patches re-measured in fp32",
+    )
+    threshold_images: int = param(
+        200, THRESHOLD_IMAGES, "at most this many training images give the leave-out threshold"
+    )
 
     def _embedding_dim(self) -> int:
         channels, _ = layer_info(self.backbone, self.layers)
@@ -120,8 +135,9 @@ class PatchCore(Detector, FeatureParams):
         keep = self._subsample(flat)
         return flat[keep], keep.div(patches.shape[1], rounding_mode="floor").to(flat.device) + start
 
-    def finish_bank(self, picks: torch.Tensor, sources: torch.Tensor, held_patches: torch.Tensor,
-                    held: torch.Tensor) -> np.ndarray:
+    def finish_bank(
+        self, picks: torch.Tensor, sources: torch.Tensor, held_patches: torch.Tensor, held: torch.Tensor
+    ) -> np.ndarray:
         """Keep the joined block picks (n, D) as the memory bank; return the leave-out scores of the
         `held` images, whose (len(held), P, D) patches are given (`grid_` must be set)."""
         self.memory_bank_ = picks.to(torch.float32)
@@ -142,8 +158,9 @@ class PatchCore(Detector, FeatureParams):
             if block is None:
                 self.grid_ = tuple(emb.shape[1:3])
                 rows = self.block_images(self.grid_[0] * self.grid_[1], len(images))
-                block = torch.empty((rows, emb.shape[1] * emb.shape[2], emb.shape[3]), dtype=torch.float16,
-                                    device=self.device_)
+                block = torch.empty(
+                    (rows, emb.shape[1] * emb.shape[2], emb.shape[3]), dtype=torch.float16, device=self.device_
+                )
             emb = emb.reshape(emb.shape[0], -1, emb.shape[-1])
             for j in range(emb.shape[0]):
                 if start + filled + j in held_set:

@@ -111,8 +111,9 @@ class PSFE(Detector, FeatureParams):
     patch_size: int = param(4, Int(1, 64), "patch side, in feature grid cells")
     stride: int | None = param(None, Maybe(Int(1, 64)), "step between patches, in cells (null: patch_size)")
     stats: tuple[str, ...] = param(("variance",), Names(STATS), "the statistics combined")
-    reference: str = param("train", Choice(REFERENCES), "none (the image's own patches) or train "
-                           "(per-position training statistics)")
+    reference: str = param(
+        "train", Choice(REFERENCES), "none (the image's own patches) or train (per-position training statistics)"
+    )
     bins: int = param(16, Int(2, 1024), "histogram bins of the entropy")
     blur_sigma: float = param(4.0, BLUR_SIGMA, "Gaussian blur of the anomaly map, in pixels")
 

@@ -98,8 +98,14 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
     return order[held:].sort().values, order[:held].sort().values
 
 
-def normal_scores(score: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, fit_idx: torch.Tensor,
-                  held_idx: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
+def normal_scores(
+    score: Callable[[torch.Tensor], torch.Tensor],
+    data: torch.Tensor,
+    fit_idx: torch.Tensor,
+    held_idx: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
     """Image scores `score(batch)` of the held-out samples of (N, ...) `data`, or of the fit
     samples when none is held out: the normal scores the threshold is set from."""
     normal = data[held_idx] if len(held_idx) else data[fit_idx]
@@ -123,14 +129,15 @@ def module_tensors(model: nn.Module, prefix: str = "net.") -> dict[str, torch.Te
     return {prefix + k: v for k, v in model.state_dict().items()}
 
 
-def load_network(build: Callable[[], nn.Module], tensors: dict[str, torch.Tensor], device: torch.device,
-                 prefix: str = "net.") -> nn.Module:
+def load_network(
+    build: Callable[[], nn.Module], tensors: dict[str, torch.Tensor], device: torch.device, prefix: str = "net."
+) -> nn.Module:
     """Build a network from stored tensors: first on the meta device, where the names and shapes
     are checked without allocating anything, then on `device`. Raises ValueError on a mismatch."""
     with torch.device("meta"):
         model = build()
     expected = model.state_dict()
-    given = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    given = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     if given.keys() != expected.keys():
         raise ValueError(f"network tensors {sorted(given)[:4]} do not match the expected {sorted(expected)[:4]}")
     for name, value in expected.items():
@@ -145,6 +152,7 @@ def losses(state: dict) -> list[float]:
     """The stored per-epoch training losses: a list of finite numbers; else ValueError."""
     values = state.get("train_losses")
     if not isinstance(values, list) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values):
+        isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values
+    ):
         raise ValueError("train_losses must be a list of finite numbers")
     return [float(v) for v in values]

@@ -1,0 +1,153 @@
+"""Model selection on the validation split: the test split is never read, the best candidate by
+the stated criterion is kept and recorded, the default is taken without anomalous validation
+images, and the record travels in the model file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from anomap import load, selection
+from anomap.cli import main
+from anomap.data import MVTecAD
+from anomap.errors import AnomapError, DataError
+from anomap.protocol import split_category
+
+from conftest import make_category
+
+FAST = {"image_size": 64, "device": "cpu", "seed": 0}
+
+
+def _poison(paths) -> None:
+    for path in paths:
+        path.write_bytes(b"not an image")
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory):
+    """A category whose test-split images and masks are unreadable: only train and val are usable."""
+    root = make_category(tmp_path_factory.mktemp("poisoned"), n_bad=4)
+    split = split_category(MVTecAD(root, "toy"), 5)
+    _poison([s.path for s in split.test] + [s.mask_path for s in split.test if s.mask_path is not None])
+    return root
+
+
+@pytest.fixture(scope="module")
+def selected(poisoned):
+    return selection.fit_auto(poisoned, "toy", 5, **FAST)
+
+
+def test_selection_never_reads_the_test_split(selected):
+    det, record = selected  # fitting and ranking all candidates on the poisoned root succeeded
+    assert record["n_val_anomalous"] >= 1 and record["n_val_normal"] >= 1
+    assert len(record["candidates"]) == len(selection.BACKBONES) * len(selection.METHODS)
+
+
+def test_poisoning_would_be_noticed(poisoned, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(poisoned, root)
+    split = split_category(MVTecAD(root, "toy"), 5)
+    _poison([split.val[-1].path])  # the control: a poisoned validation image is read, and fails
+    with pytest.raises(DataError):
+        selection.fit_auto(root, "toy", 5, backbone="efficientnet_lite0", **FAST)
+
+
+def test_the_best_candidate_is_kept_with_its_recorded_figures(selected, poisoned):
+    det, record = selected
+    scores = [c["score"] for c in record["candidates"]]
+    best = record["candidates"][int(np.argmax(scores))]
+    assert record["chosen"] == {"method": best["method"], "backbone": best["backbone"]}
+    assert (det.method, det.backbone) == (best["method"], best["backbone"])
+    for c in record["candidates"]:
+        expected = c["image_auroc"] if c["aupro"] is None else (c["image_auroc"] + c["aupro"]) / 2
+        assert c["score"] == pytest.approx(expected)
+    val = split_category(MVTecAD(poisoned, "toy"), 5).val
+    labels = np.array([s.label for s in val])
+    masks = selection._val_masks(val, det)
+    again = selection.validation_figures(labels, masks, det.predict(val))
+    assert again["score"] == pytest.approx(best["score"], abs=1e-4)
+
+
+def test_choose_takes_the_first_of_equal_scores():
+    assert selection.choose([{"score": 0.5}, {"score": 0.9}, {"score": 0.9}]) == 1
+
+
+def test_without_anomalous_validation_images_the_default_is_taken(tmp_path, caplog):
+    root = make_category(tmp_path, n_bad=1)  # 30% of one defect image rounds to none for validation
+    det, record = selection.fit_auto(root, "toy", 0, **FAST)
+    assert record["n_val_anomalous"] == 0 and record["candidates"] == []
+    assert record["chosen"] == selection.DEFAULT
+    assert (det.method, det.backbone) == (selection.DEFAULT["method"], selection.DEFAULT["backbone"])
+    assert "no candidate can be ranked" in record["note"] and "no candidate can be ranked" in caplog.text
+
+
+def test_method_specific_parameters_are_refused():
+    with pytest.raises(AnomapError, match="coreset_ratio"):
+        selection.select(None, coreset_ratio=0.5)
+
+
+def test_record_is_kept_in_the_model_file(selected, tmp_path):
+    det, record = selected
+    path = selection.save_selected(det, record, tmp_path / "auto.anomap")
+    assert selection.read_selection(path) == json.loads(json.dumps(record))
+    assert load(path).method == det.method
+    assert selection.read_selection(det.save(tmp_path / "plain.anomap")) is None
+
+
+def test_cli_fit_auto(poisoned, tmp_path, capsys):
+    out = tmp_path / "auto.anomap"
+    args = [
+        "fit",
+        "--data",
+        str(poisoned),
+        "--category",
+        "toy",
+        "--method",
+        "auto",
+        "--backbone",
+        "efficientnet_lite0",
+        "--image-size",
+        "64",
+        "--device",
+        "cpu",
+        "--seed",
+        "0",
+    ]
+    assert main(args + ["--out", str(out), "--split-seed", "5"]) == 0
+    printed = capsys.readouterr().out
+    record = selection.read_selection(out)
+    assert [c["backbone"] for c in record["candidates"]] == ["efficientnet_lite0"] * 3
+    assert f"chosen: {record['chosen']['method']} on efficientnet_lite0" in printed
+    assert record["split_seed"] == 5
+    assert main(args + ["--out", str(tmp_path / "no.anomap")]) == 2
+    assert "give --split-seed" in capsys.readouterr().err
+
+
+def test_benchmark_has_an_auto_row(tmp_path):
+    root = make_category(tmp_path / "data", n_bad=4)
+    out = tmp_path / "bench"
+    args = [
+        "benchmark",
+        "--data",
+        str(root),
+        "--categories",
+        "toy",
+        "--methods",
+        "patchcore,auto",
+        "--backbone",
+        "efficientnet_lite0",
+        "--image-size",
+        "64",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["patchcore", "auto"]
+    record = json.loads(next(out.glob("runs/toy/auto/clean/*/selection.json")).read_text())
+    assert len(record["candidates"]) == 3 and record["chosen"]["backbone"] == "efficientnet_lite0"
