@@ -176,7 +176,7 @@ def test_report_command_rebuilds_the_benchmark_page_and_its_archive(run, capsys)
 
 
 def test_benchmark_page_escapes_names_and_marks_missing_runs(tmp_path):
-    evil = "<b>x</b>"
+    evil = "<b>x<b>"  # a folder name: no "/"
     row = {
         "category": evil,
         "method": "m",
@@ -199,5 +199,41 @@ def test_benchmark_page_escapes_names_and_marks_missing_runs(tmp_path):
     }
     (tmp_path / "results.json").write_text(json.dumps(doc))
     page = write_benchmark_report(tmp_path).read_text(encoding="utf-8")
-    assert evil not in page and page.count("&lt;b&gt;x&lt;/b&gt;") >= 4
+    assert evil not in page and page.count("&lt;b&gt;x&lt;b&gt;") >= 4
     assert 'class="run"' not in page and "no report" in page
+
+
+def _tampered_results(tmp_path, change) -> int:
+    row = {"category": "a", "method": "m", "setting": "clean", "seed": 1, "threshold": 1.0}
+    row |= dict.fromkeys(("image_auroc", "pixel_auroc", "aupro", "f1", "oracle_f1"), 0.5)
+    row |= {"fit_seconds": 1.0, "predict_ms_per_image": 2.0}
+    doc = {"config": {"categories": ["a"], "seeds": [1]}, "splits": {}, "rows": [row], "summary": summarize([row])}
+    change(doc)
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    return main(["report", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d["rows"][0].update(category="../../elsewhere"),
+        lambda d: d["rows"][0].update(seed="1"),
+        lambda d: d["rows"][0].update(image_auroc="0.5"),
+        lambda d: d["rows"].append("not an object"),
+        lambda d: d["summary"][0].update(seeds="3"),
+        lambda d: d["summary"][0].pop("method"),
+        lambda d: d["config"].update(categories=7),
+        lambda d: d.update(splits={"a/seed1": {"train": {"normal": -1}}}),
+        lambda d: d.update(splits={"a/seed1": []}),
+        lambda d: d["rows"][0].update(deep=json.loads("[" * 40 + "]" * 40)),  # nested too deep
+    ],
+)
+def test_report_refuses_tampered_benchmark_results_in_one_line(tmp_path, capsys, change):
+    assert _tampered_results(tmp_path, change) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("anomap: error: ") and err.count("\n") == 1 and "results.json" in err
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_report_accepts_untampered_benchmark_results(tmp_path, capsys):
+    assert _tampered_results(tmp_path, lambda d: None) == 0 and (tmp_path / "report.html").is_file()

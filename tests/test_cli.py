@@ -162,5 +162,36 @@ def test_a_picture_does_not_depend_on_the_other_images_scored(model, toy_root, b
     assert main(["predict", str(model), str(one), "--out", str(tmp_path / "alone")]) == 0
     assert list(csv.reader((both / "scores.csv").open()))[2][0] == str(one)  # row 1 of the whole test folder
     for kind in ("heatmap", "mask"):
-        alone = (tmp_path / "alone" / f"0000_001_{kind}.png").read_bytes()
-        assert alone == (both / f"0001_001_{kind}.png").read_bytes()
+        alone = np.asarray(Image.open(tmp_path / "alone" / f"0000_001_{kind}.png"), np.int16)
+        among = np.asarray(Image.open(both / f"0001_001_{kind}.png"), np.int16)
+        # the network's float sums may round differently for a batch of 1 and of 6 (another
+        # kernel blocking), which can move a pixel across one colour level or the threshold;
+        # a dependence on the other images (a batch-wide scale) would change most pixels
+        changed = np.abs(alone - among).reshape(len(alone), len(alone[0]), -1).max(-1)
+        assert kind == "mask" or changed.max() <= 4  # a mask pixel is either kept or flipped
+        assert (changed > 0).mean() <= 0.01
+
+
+def test_sign_key_and_key_options(toy_root, tmp_path, capsys):
+    """`fit --sign-key` signs; `--key` accepts that model, refuses an unsigned or otherwise signed
+    one in one line, and `calibrate --key` keeps the rewritten file signed."""
+    key, other, short = tmp_path / "key", tmp_path / "other", tmp_path / "short"
+    key.write_bytes(b"0123456789abcdef-secret\n")
+    other.write_bytes(b"another secret of 32 bytes......")
+    short.write_bytes(b"tiny")
+    signed, plain = tmp_path / "signed.anomap", tmp_path / "plain.anomap"
+    fit = ["fit", "--data", str(toy_root), "--category", "toy", *FAST]
+    assert main([*fit, "--out", str(signed), "--sign-key", str(key)]) == 0
+    assert main([*fit, "--out", str(plain), "--sign-key", str(short)]) == 2  # refused before fitting
+    assert not plain.exists() and "at least 16 bytes" in capsys.readouterr().err
+    assert load(signed, key=b"0123456789abcdef-secret").threshold_ is not None
+    evaluate = ["evaluate", "--data", str(toy_root), "--category", "toy", "--json"]
+    assert main([*evaluate[:1], str(signed), *evaluate[1:], "--key", str(key)]) == 0
+    capsys.readouterr()
+    for wrong in (other, tmp_path / "missing"):
+        assert main(["predict", str(signed), str(toy_root), "--out", str(tmp_path / "p"), "--key", str(wrong)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("not signed with this key" in err or "cannot read the key file" in err)
+    assert main(["calibrate", str(signed), "--data", str(toy_root), "--category", "toy", "--key", str(key)]) == 0
+    assert load(signed, key=b"0123456789abcdef-secret").threshold_ is not None
+    assert main(["calibrate", str(signed), "--data", str(toy_root), "--category", "toy", "--key", str(other)]) == 2

@@ -399,6 +399,14 @@ def test_names_in_errors_are_escaped_and_stay_on_one_line(capsys, tmp_path, mode
     assert not any(c in err for c in "\x1b\x07\u202e")
 
 
+def test_names_in_success_lines_are_escaped(capsys, tmp_path, model):
+    good_image(tmp_path / "in" / "good.png")
+    out = tmp_path / f"out{TITLE}\nnext"
+    code, printed, _ = run(capsys, "predict", model, tmp_path / "in", "--out", out)
+    assert code == 0 and printed.count("\n") == 1
+    assert not any(c in printed for c in "\x1b\x07") and "out\\x1b]0;pwned\\x07\\nnext" in printed
+
+
 def test_warnings_and_skipped_names_are_single_escaped_log_lines(tmp_path):
     folder = tmp_path / "in"
     good_image(folder / "good.png")

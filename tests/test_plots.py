@@ -103,6 +103,14 @@ def test_write_plots_one_class_and_tied_scores(tmp_path):
         assert_png(path)
 
 
+def test_scores_too_close_for_a_density_still_plot(tmp_path):
+    labels = np.array([0, 0, 0, 1, 1])
+    scores = np.array([0.0, 1e-300, 0.0, 2.0, 2.0 + 4e-16])  # distinct, but zero variance in float
+    result = metrics.classification_report(labels, scores, 1.5)
+    for path in write_plots(tmp_path, labels, scores, result).values():
+        assert_png(path)
+
+
 def test_outline_of_a_square():
     mask = np.zeros((10, 10), bool)
     mask[2:8, 2:8] = True

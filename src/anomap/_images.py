@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+# threads that decode images (or draw pictures): two on small machines (one works while the other
+# waits for a file), up to eight where there are cores to feed a GPU
+DECODE_THREADS = min(8, max(2, (os.cpu_count() or 2) // 2))
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SUFFIXES_TEXT = "/".join(sorted(s[1:] for s in IMAGE_SUFFIXES))
 MIN_SIDE = 8  # pixels; smaller images carry no usable texture for patch features

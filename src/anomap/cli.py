@@ -29,6 +29,7 @@ DEVICE_HELP = (
     "its own setting unless this is given"
 )
 MODEL_HELP = "model file written by `anomap fit`"
+KEY_HELP = "file holding the secret the model was signed with (`fit --sign-key`): refuse a model not signed with it"
 DATA_HELP = "root folder in MVTec AD layout (<data>/<category>/train/good, test/<defect>, ground_truth/<defect>)"
 CATEGORY_HELP = "category folder under --data"
 
@@ -85,6 +86,25 @@ def _refuse_used_folder(folder: Path, overwrite: bool) -> None:
         raise AnomapError(f"{folder} is not empty; pass --overwrite to replace its files or choose a new --out")
 
 
+def _read_key(path: str | None) -> bytes | None:
+    """The secret held in a key file (its bytes less a trailing newline), or None without one."""
+    if path is None:
+        return None
+    try:
+        key = Path(path).read_bytes().rstrip(b"\r\n")
+    except OSError as err:
+        raise AnomapError(f"cannot read the key file {path}: {err.strerror or err}") from None
+    if len(key) < 16:
+        raise AnomapError(f"{path}: a key file must hold at least 16 bytes of secret, it holds {len(key)}")
+    return key
+
+
+def _sign(path: Path, args: argparse.Namespace) -> None:
+    """Sign a just-written model file with --sign-key, when given."""
+    if args.sign_key:
+        _module("detectors.model_file").sign(path, _read_key(args.sign_key))
+
+
 def _fit_params(args: argparse.Namespace) -> dict:
     """Only the options the user gave, so each method keeps its own defaults for the rest."""
     given = {
@@ -105,6 +125,7 @@ def _fit_params(args: argparse.Namespace) -> dict:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    _read_key(args.sign_key)  # an unusable key file fails before the fit, not after
     refuse_inside(out, [args.data, *([args.weights] if args.weights and Path(args.weights).is_file() else [])])
     _refuse_existing(out, args.overwrite)
     if _engine(args) == "ray":
@@ -119,7 +140,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         det = runs.fit_train_split(args.data, args.category, args.split_seed, args.method, **_fit_params(args))
     with atomic_path(out, args.overwrite) as tmp:  # fails if `out` appeared during the fit
         det.save(tmp)
-    print(f"saved {det.method} model to {out} (threshold {det.threshold_:.6g})")
+        _sign(tmp, args)
+    _say(f"saved {det.method} model to {out} (threshold {det.threshold_:.6g})")
     return 0
 
 
@@ -133,8 +155,9 @@ def _fit_auto(args: argparse.Namespace, out: Path) -> int:
     det, record = selection.fit_auto(args.data, args.category, args.split_seed, **_fit_params(args))
     with atomic_path(out, args.overwrite) as tmp:  # fails if `out` appeared during the selection
         selection.save_selected(det, record, tmp)
+        _sign(tmp, args)
     print(selection.format_record(record))
-    print(
+    _say(
         f"saved {det.method} ({det.backbone}) model to {out} (threshold {det.threshold_:.6g}); "
         "the selection record is in its metadata"
     )
@@ -154,23 +177,21 @@ def _engine(args: argparse.Namespace) -> str:
     return args.engine
 
 
+def _ray_options(args: argparse.Namespace) -> dict:
+    workers = 1 if args.workers is None else args.workers
+    return {"workers": workers, "gpus_per_worker": args.gpus_per_worker or 0.0, "address": args.address}
+
+
 def _fit_ray(args: argparse.Namespace, out: Path) -> int:
     from . import distributed  # Ray is imported only for --engine ray
 
     if args.method != "patchcore":
         raise AnomapError(f"--engine ray fits patchcore only, not {args.method}")
-    det = distributed.fit_category(
-        args.data,
-        args.category,
-        args.split_seed,
-        workers=args.workers or 1,
-        gpus_per_worker=args.gpus_per_worker or 0,
-        address=args.address,
-        **_fit_params(args),
-    )
+    det = distributed.fit_category(args.data, args.category, args.split_seed, **_ray_options(args), **_fit_params(args))
     with atomic_path(out, args.overwrite) as tmp:  # fails if `out` appeared during the fit
         det.save(tmp)
-    print(f"saved patchcore model to {out} (threshold {det.threshold_:.6g}, {det.memory_bank_.shape[0]} bank entries)")
+        _sign(tmp, args)
+    _say(f"saved patchcore model to {out} (threshold {det.threshold_:.6g}, {det.memory_bank_.shape[0]} bank entries)")
     return 0
 
 
@@ -183,22 +204,20 @@ def _predict_ray(args: argparse.Namespace) -> int:
         args.model,
         args.paths,
         args.out,
-        workers=args.workers or 1,
-        gpus_per_worker=args.gpus_per_worker or 0,
+        **_ray_options(args),
         batch_size=args.batch_size,
         pictures=args.pictures or "none",
         skip_bad=args.skip_bad,
         overwrite=args.overwrite,
         decode=args.decode or "cpu",
-        address=args.address,
     )
     earlier = f" ({summary.resumed} by an earlier run)" if summary.resumed else ""
-    print(
+    _say(
         f"scored {summary.scored + summary.skipped} images{earlier}, {summary.anomalous} anomalous; "
         f"wrote {summary.out / 'scores.parquet'}"
     )
     if summary.skipped:
-        print(f"skipped {summary.skipped} unusable images, listed in {summary.out / 'skipped.csv'}")
+        _say(f"skipped {summary.skipped} unusable images, listed in {summary.out / 'skipped.csv'}")
     return 0
 
 
@@ -243,6 +262,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     refuse_inside(out, [*args.paths, args.model])
     if _engine(args) == "ray":
+        if args.key:  # the workers load the file checked here
+            _load_model(args.model, "cpu", _read_key(args.key))
         return _predict_ray(args)
     if args.batch_size:
         raise AnomapError("--batch-size only applies with --engine ray; the model's batch size is used")
@@ -251,12 +272,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     pictures = args.pictures or "both"
     scored = runs.predict_paths(
-        _load_model(args.model, args.device), args.paths, out, skip_bad=args.skip_bad, pictures=pictures
+        _load_model(args.model, args.device, _read_key(args.key)),
+        args.paths,
+        out,
+        skip_bad=args.skip_bad,
+        pictures=pictures,
     )
     wrote = f"{scored.csv}" + ("" if pictures == "none" else f" and {pictures} pictures in {out}")
-    print(f"scored {len(scored.scores)} images, {scored.flagged} anomalous; wrote {wrote}")
+    _say(f"scored {len(scored.scores)} images, {scored.flagged} anomalous; wrote {wrote}")
     if scored.skipped:
-        print(f"skipped {len(scored.skipped)} unusable images, listed in {out / 'skipped.csv'}")
+        _say(f"skipped {len(scored.skipped)} unusable images, listed in {out / 'skipped.csv'}")
     return 0
 
 
@@ -271,7 +296,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if out is None:
             raise AnomapError("--zip archives the run folder, so it needs --out DIR")
         _refuse_existing(report.zip_path(out), args.overwrite)
-    det = _load_model(args.model, args.device)
+    det = _load_model(args.model, args.device, _read_key(args.key))
     result = runs.evaluate_to_folder(det, args.data, args.category, out)
     archive = report.write_zip(out, args.overwrite) if args.zip else None
     if args.json:
@@ -279,16 +304,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         _print_metrics(result)
         if out is not None:
-            print(f"results in {out}; report: {out / 'report.html'}")
+            _say(f"results in {out}; report: {out / 'report.html'}")
         if archive is not None:
-            print(f"archive: {archive}")
+            _say(f"archive: {archive}")
     return 0
 
 
-def _load_model(path: str, device: str | None):
-    """A model file, or an exported `.onnx` file scored through onnxruntime (on the CPU)."""
+def _load_model(path: str, device: str | None, key: bytes | None = None):
+    """A model file (with `key`: signed with it), or an exported `.onnx` file scored through
+    onnxruntime (on the CPU)."""
     if Path(path).suffix.lower() != ".onnx":
-        return _module("detectors").load(path, device=device)
+        return _module("detectors").load(path, device=device, key=key)
+    if key is not None:
+        raise AnomapError(f"{path}: exported files carry no signature; --key applies to model files")
     if device == "cuda":
         raise AnomapError(f"{path}: exported models run on the CPU here; leave out --device cuda")
     return _module("runtime").load(path)
@@ -301,10 +329,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_file
 
     start = time.perf_counter()
-    export_file(args.model, out, format=args.format, precision=args.precision)
+    export_file(args.model, out, format=args.format, precision=args.precision, key=_read_key(args.key))
     companion = out.with_suffix(".bin") if args.format == "openvino" else out.with_name(out.name + ".data")
     size = out.stat().st_size + (companion.stat().st_size if companion.is_file() else 0)
-    print(
+    _say(
         f"exported {args.model} to {out} ({args.format}, {args.precision}, {size / 1e6:.1f} MB) "
         f"in {time.perf_counter() - start:.1f} s"
     )
@@ -330,6 +358,7 @@ def _add_export_command(sub) -> None:
         help="fp16 stores the weights in float16 (half the file); both compute in float32",
     )
     exp.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    exp.add_argument("--key", metavar="FILE", help=KEY_HELP)
     exp.set_defaults(func=cmd_export)
 
 
@@ -342,9 +371,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         path = report.write_benchmark_report(args.run_dir)
     else:
         path = report.write_report(args.run_dir)
-    print(f"report: {path}")
+    _say(f"report: {path}")
     if args.zip:
-        print(f"archive: {report.write_zip(args.run_dir, args.overwrite)}")
+        _say(f"archive: {report.write_zip(args.run_dir, args.overwrite)}")
     return 0
 
 
@@ -355,10 +384,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     refuse_inside(out, [args.data or runs.demo_root()])
     _refuse_used_folder(out, args.overwrite)
     result = runs.demo(out, device=args.device or "auto", root=args.data, category=args.category)
-    print(f"anomap demo: PatchCore (efficientnet_lite1) on {args.category}")
+    _say(f"anomap demo: PatchCore (efficientnet_lite1) on {args.category}")
     _print_metrics(result)
-    print(f"model, metrics and heatmaps in {out}")
-    print(f"report: {out / 'report.html'}")
+    _say(f"model, metrics and heatmaps in {out}")
+    _say(f"report: {out / 'report.html'}")
     return 0
 
 
@@ -374,10 +403,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     refuse_inside(args.model, [args.data])  # the model file is rewritten
     old, new = runs.calibrate_file(
-        args.model, args.data, args.category, args.method, args.seed, args.k, device=args.device
+        args.model,
+        args.data,
+        args.category,
+        args.method,
+        args.seed,
+        args.k,
+        device=args.device,
+        key=_read_key(args.key),
     )
     before = "none" if old is None else f"{old:.6g}"
-    print(f"{args.model}: threshold {before} -> {new:.6g} ({args.method} on the validation split, seed {args.seed})")
+    _say(f"{args.model}: threshold {before} -> {new:.6g} ({args.method} on the validation split, seed {args.seed})")
     return 0
 
 
@@ -385,7 +421,7 @@ def cmd_shift(args: argparse.Namespace) -> int:
     from . import shift
 
     folder = shift.shift_category(args.data, args.category, args.out, args.seed, overwrite=args.overwrite)
-    print(f"wrote the shifted copy of {args.category} (seed {args.seed}) to {folder}")
+    _say(f"wrote the shifted copy of {args.category} (seed {args.seed}) to {folder}")
     return 0
 
 
@@ -418,7 +454,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     )
     print("split sizes (normal+anomalous):\n" + benchmark.format_splits(result["splits"]) + "\n")
     print(benchmark.format_table(result["summary"]))
-    print(f"results in {out / 'results.csv'} and {out / 'results.json'}; report: {out / 'report.html'}")
+    _say(f"results in {out / 'results.csv'} and {out / 'results.json'}; report: {out / 'report.html'}")
     return 0
 
 
@@ -433,11 +469,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_upload_mb=args.max_upload_mb,
         device=args.device,
+        key=_read_key(args.key),
     )
     warning = serve.exposure_warning(args.host, args.token_file is not None)
     if warning:
-        print(f"anomap: warning: {warning}", file=sys.stderr)
-    print(
+        _say(f"anomap: warning: {warning}", file=sys.stderr)
+    _say(
         f"anomap: serving {serving.model.detector.method} model {args.model} on {serving.url} "
         f"(page /, API /v1, docs /docs); Ctrl-C stops",
         flush=True,
@@ -458,6 +495,7 @@ def _add_serve_command(sub) -> None:
     srv.add_argument("--max-batch", type=int, default=16, help="most images scored together")
     srv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MiB")
     srv.add_argument("--device", choices=["cpu", "cuda", "auto"], help=DEVICE_HELP)
+    srv.add_argument("--key", metavar="FILE", help=KEY_HELP)
     srv.set_defaults(func=cmd_serve)
 
 
@@ -477,6 +515,7 @@ def _add_protocol_commands(sub) -> None:
     cal.add_argument("--k", type=float, default=3.0, help="sigma multiplier of --method sigma")
     cal.add_argument("--seed", type=int, default=42, help="seed of the split")
     cal.add_argument("--device", choices=["cpu", "cuda", "auto"], help=DEVICE_HELP)
+    cal.add_argument("--key", metavar="FILE", help=KEY_HELP + "; the rewritten file is signed with it again")
     cal.set_defaults(func=cmd_calibrate)
 
     sh = sub.add_parser("shift", help="write a domain-shifted copy of a category in MVTec AD layout")
@@ -599,6 +638,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit only on the train part of the protocol split with "
         "this seed, leaving the validation images unseen for `anomap calibrate`",
     )
+    fit.add_argument(
+        "--sign-key",
+        metavar="FILE",
+        help="file holding a secret (16 bytes or more): sign the model with an HMAC-SHA256 that `--key FILE` checks",
+    )
+    for p in (pred, ev):
+        p.add_argument("--key", metavar="FILE", help=KEY_HELP)
     _add_engine_options(fit, pred)
     _add_protocol_commands(sub)
     _add_serve_command(sub)
@@ -610,6 +656,11 @@ def _printable(text: str) -> str:
     """`text` with control and other unprintable characters escaped (\\n, \\x1b, \\u202e): one line,
     and a file name cannot move the cursor or set the terminal's title."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _say(text: str, **kwargs) -> None:
+    """Print one line, escaped: paths in it may hold any character."""
+    print(_printable(text), **kwargs)
 
 
 def _one_line(err: BaseException) -> str:

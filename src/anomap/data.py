@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ._images import (
+    DECODE_THREADS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     MIN_SIDE,
@@ -242,12 +243,11 @@ def _tensor_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Ten
 
 
 # decoding threads: two on small machines, up to eight where there are cores to feed a GPU
-_DECODE_THREADS = min(8, max(2, (os.cpu_count() or 2) // 2))
 
 
 def _prefetched_batches(items: Sequence, preprocess: Preprocess, batch_size: int) -> Iterator[torch.Tensor]:
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    pool = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="anomap-data")
+    pool = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="anomap-data")
     try:
 
         def submit(k: int) -> list[Future]:

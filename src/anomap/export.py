@@ -84,16 +84,23 @@ def export(det, path: str | Path, *, format: str = "onnx", precision: str = "fp3
 
 
 def export_file(
-    model: str | Path, path: str | Path, *, format: str = "onnx", precision: str = "fp32", batch_size: int = 1
+    model: str | Path,
+    path: str | Path,
+    *,
+    format: str = "onnx",
+    precision: str = "fp32",
+    batch_size: int = 1,
+    key: bytes | None = None,
 ) -> Path:
     """Export the model file `model` to `path`: an `.onnx` file (format "onnx", with `<name>.data`
     beside it for weights above 2 GB) or OpenVINO IR (format "openvino": `path` ending in `.xml`,
-    with `<stem>.bin` beside it). Written atomically. Returns `path`.
+    with `<stem>.bin` beside it). Written atomically. Returns `path`. With `key`, `model` must be
+    signed with it (`Detector.save(path, key=...)`).
 
-    Raises:
-        ModelFileError: `model` is missing, damaged or not an anomap model file.
-        ExportError: the model has no threshold, or its method cannot be expressed as a graph.
-        ParamError: an unknown format or precision, a bad batch size or output name.
+        Raises:
+            ModelFileError: `model` is missing, damaged, not an anomap model file, or not signed with `key`.
+            ExportError: the model has no threshold, or its method cannot be expressed as a graph.
+            ParamError: an unknown format or precision, a bad batch size or output name.
     """
     from .detectors import load
 
@@ -101,7 +108,7 @@ def export_file(
     _require("onnxscript", "onnx")
     if format == "openvino":
         _require("openvino", "openvino")
-    det = load(model, device="cpu")
+    det = load(model, device="cpu", key=key)
     digest = hashlib.sha256(Path(model).read_bytes()).hexdigest()
     if det.threshold_ is None:
         raise ExportError(f"{model}: the model has no threshold; calibrate it before exporting")

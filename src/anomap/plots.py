@@ -121,12 +121,16 @@ def plot_pro(path: Path, pixel: dict, aupro: float | None) -> Path:
 
 
 def _kde(ax, values: np.ndarray, grid: np.ndarray, colour: str, label: str) -> None:
-    """Gaussian KDE of `values`, skipped when it is undefined (fewer than 2 distinct values)."""
+    """Gaussian KDE of `values`, skipped when it is undefined (fewer than 2 distinct values, or
+    values so close that their variance is zero in floating point)."""
     if len(np.unique(values)) < 2:
         return
     from scipy import stats
 
-    density = stats.gaussian_kde(values)(grid)
+    try:
+        density = stats.gaussian_kde(values)(grid)
+    except np.linalg.LinAlgError:
+        return
     ax.plot(grid, density, color=colour, label=label)
     ax.fill_between(grid, density, color=colour, alpha=0.15)
 

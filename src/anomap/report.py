@@ -40,7 +40,7 @@ from ._io import atomic_path, write_text
 from .errors import DataError
 from .metric_table import RUN, SUMMARY, Metric
 from .plots import write_plots
-from .runfolder import archive_files, output_folder, read_run
+from .runfolder import archive_files, output_folder, read_results, read_run
 
 OUTCOMES = {"tp": "true positive", "tn": "true negative", "fp": "false positive", "fn": "false negative"}
 SPLIT_PARTS = ("train", "val", "test")
@@ -189,31 +189,17 @@ def _run_row(row: dict, out: Path) -> dict:
     }
 
 
-def _read_results(out: Path) -> dict:
-    path = out / "results.json"
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; run `anomap benchmark ... --out {out}` first") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: unreadable ({err}); rerun the benchmark to write it again") from None
-    if not isinstance(doc, dict) or not all(
-        isinstance(doc.get(k), t) for k, t in (("config", dict), ("rows", list), ("summary", list))
-    ):
-        raise DataError(f"{path}: not a benchmark result (needs config, rows and summary)")
-    return doc
-
-
 def write_benchmark_report(out: str | Path) -> Path:
     """Write `out/report.html` from `out/results.json`: the summary of `anomap.benchmark.summarize`
     (per category and the macro average per setting and method, mean ± std across seeds), a link to
     each row's run report, the configuration and the split sizes.
 
     Raises:
-        DataError: results.json is missing or malformed.
+        DataError: results.json is missing, malformed or holds a value out of its range
+            (`anomap.runfolder.read_results`).
     """
     out = Path(out)
-    doc = _read_results(out)
+    doc = read_results(out, tuple(m.key for m in SUMMARY), SPLIT_PARTS)
     config, rows = doc["config"], doc["rows"]
     summary = (
         f"{len(rows)} runs: {len(config.get('categories', []))} categories, methods "

@@ -12,7 +12,8 @@
   to a regular file: no symbolic link, `..`, absolute path, drive, URL, backslash or control
   character.
 
-`output_folder` and `archive_files` keep what the report writes and archives inside the folder.
+`read_results` checks a benchmark folder's results.json the same way. `output_folder` and
+`archive_files` keep what the report writes and archives inside the folder.
 Every problem is a `DataError` naming the file and the value.
 """
 
@@ -264,6 +265,27 @@ class _Checker:
                 raise self.fail(where, "a regular file reached through real folders (no symbolic links)", value)
         return value
 
+    def result(self, value: object, where: str, metrics: tuple[str, ...], seed: bool) -> None:
+        """One benchmark row or summary entry (see `read_results`)."""
+        entry = self.object(value, where)
+        for key in ("category", "method", "setting"):
+            name = entry.get(key)
+            if (
+                not isinstance(name, str)
+                or name in ("", ".", "..")
+                or "/" in name
+                or "\\" in name
+                or _CONTROL.search(name)
+            ):
+                raise self.fail(f"{where}.{key}", "a file name (no '/', '..' or control character)", name)
+        if seed and not (type(entry.get("seed")) is int and 0 <= entry["seed"] < 2**32):
+            raise self.fail(f"{where}.seed", "an integer from 0 to 2**32 - 1", entry.get("seed"))
+        if type(entry.get("seeds", 1)) is not int:
+            raise self.fail(f"{where}.seeds", "a count", entry["seeds"])
+        for key in metrics:
+            self.number(entry.get(key), f"{where}.{key}")
+            self.number(entry.get(f"{key}_std"), f"{where}.{key}_std")
+
     def metrics(self, value: object) -> dict:
         result = self.object(value, "the file")
         for key in METRICS:
@@ -306,6 +328,36 @@ class _Checker:
             self.object(doc["params"], "params")
         self.number(doc.get("threshold"), "threshold")
         return doc
+
+
+def read_results(folder: str | Path, metrics: tuple[str, ...], parts: tuple[str, ...]) -> dict:
+    """Read and check a benchmark folder's results.json: `config` (an object whose categories,
+    methods and seeds are lists), `rows` and `summary` (objects naming category, method and
+    setting as file names, with each of `metrics` and its `_std` a number or null; rows also a
+    seed), and the optional `splits` (per key, per one of `parts`, normal and anomalous counts).
+
+    Raises:
+        DataError: the file is missing, or any file or value breaks these rules or those above.
+    """
+    check = _Checker(Path(folder) / "results.json")
+    doc = check.object(read_json(check.file, required=True), "the file")
+    config = check.object(doc.get("config"), "config")
+    for key in ("categories", "methods", "seeds"):
+        if not isinstance(config.get(key, []), list):
+            raise check.fail(f"config.{key}", "a list", config[key])
+    for key in ("rows", "summary"):
+        if not isinstance(doc.get(key), list):
+            raise check.fail(key, "a list", doc.get(key))
+        for i, entry in enumerate(doc[key]):
+            check.result(entry, f"{key}[{i}]", metrics, seed=key == "rows")
+    splits = check.object(doc.get("splits") or {}, "splits")
+    for name, split in splits.items():
+        for part in parts:
+            counts = check.object(check.object(split, f"splits.{name}").get(part, {}), f"splits.{name}.{part}")
+            for kind in ("normal", "anomalous"):
+                if not (counts.get(kind) is None or (type(counts[kind]) is int and 0 <= counts[kind] <= MAX_COUNT)):
+                    raise check.fail(f"splits.{name}.{part}.{kind}", "a count or null", counts[kind])
+    return doc
 
 
 def output_folder(folder: str | Path, name: str) -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._images import DECODE_THREADS
 from ._io import write_text
 from .data import MVTecAD, Preprocess, Sample, list_images, load_image
 from .detectors import Detector, create, load
@@ -26,10 +26,6 @@ from .pictures import PICTURES, PictureQueue, heat_range, write_pictures
 from .protocol import calibrate, split_category
 
 log = logging.getLogger(__name__)
-
-# decoding threads: two on small machines, up to eight where there are cores to feed a GPU
-DECODE_THREADS = min(8, max(2, (os.cpu_count() or 2) // 2))
-PICTURE_THREADS = max(1, (os.cpu_count() or 2) // 2)
 
 
 def fit_category(root: str | Path, category: str, method: str = "patchcore", **params) -> Detector:
@@ -54,6 +50,7 @@ def calibrate_file(
     seed: int = 42,
     k: float = 3.0,
     device: str | None = None,
+    key: bytes | None = None,
 ) -> tuple[float | None, float]:
     """Calibrate a saved model's threshold on the category's val split and rewrite the file atomically.
 
@@ -64,10 +61,10 @@ def calibrate_file(
     Returns:
         (old threshold, new threshold).
     """
-    det = load(model, device=device)
+    det = load(model, device=device, key=key)
     old = det.threshold_
     new = calibrate(det, split_category(MVTecAD(root, category), seed).val, method, k)
-    det.save(model)
+    det.save(model, key=key)
     return old, new
 
 
@@ -117,7 +114,7 @@ def _score_and_draw(
     """(images scored, their (N,) scores, (path, reason) of those skipped); queues the pictures."""
     kept, scores, skipped = [], [np.zeros(0, np.float32)], []
     scale = heat_range(det.normal_scores_)
-    with PictureQueue(workers=PICTURE_THREADS, limit=det.batch_size) as queue:
+    with PictureQueue(workers=DECODE_THREADS, limit=det.batch_size) as queue:
         for batch in _decoded_batches(paths, det.preprocess_, det.batch_size, keep=pictures != "none"):
             skipped += _unusable(batch.failures, skip_bad)
             if not batch.paths:

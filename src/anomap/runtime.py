@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ._images import Preprocess, load_image
+from ._images import DECODE_THREADS, Preprocess, load_image
 from .errors import ExportError, ModelFileError
 from .prediction import Prediction
 
@@ -49,7 +49,6 @@ METADATA = {
     "the heatmaps' colour scale)",
     "params": "the parameters of the graph's model, as JSON: the source model's, with exact search",
 }
-_DECODE_THREADS = 2
 _PREFETCH = 8  # images decoded ahead of the one being scored
 
 
@@ -163,7 +162,12 @@ class ExportedModel:
         return Prediction(np.concatenate(scores), np.concatenate(maps), self.threshold_)
 
     def score_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, H, W, 3) images already resized to the input size -> scores (N,), maps (N, S, S)."""
+        """uint8 (N, H, W, 3) images already resized to the input size -> scores (N,), maps (N, S, S).
+
+        Raises:
+            ModelFileError: the graph's own decisions disagree with the metadata's threshold (an
+                edited file).
+        """
         side, batch = self.info.input_size, self.info.batch_size
         if pixels.dtype != np.uint8 or pixels.shape[1:] != (side, side, 3):
             raise ValueError(
@@ -173,7 +177,12 @@ class ExportedModel:
         for start in range(0, len(pixels), batch):
             part = pixels[start : start + batch]
             padded = np.concatenate([part, np.zeros((batch - len(part), *part.shape[1:]), np.uint8)])
-            s, m = self._run(padded)[:2]
+            s, m, labels = self._run(padded)
+            if not np.array_equal(labels[: len(part)], s[: len(part)] >= self.threshold_):
+                raise ModelFileError(
+                    f"{self.path}: the graph decides at another threshold than its metadata's "
+                    f"{self.threshold_}; export the model again"
+                )
             scores.append(s[: len(part)])
             maps.append(m[: len(part)])
         return np.concatenate(scores), np.concatenate(maps)
@@ -204,7 +213,7 @@ class ExportedModel:
     def _pixel_batches(self, items: list) -> Iterator[np.ndarray]:
         """(B, H, W, 3) uint8 batches of `_PREFETCH` images, the next one decoded while one is scored."""
         chunks = [items[i : i + _PREFETCH] for i in range(0, len(items), _PREFETCH)]
-        pool = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="anomap-runtime")
+        pool = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="anomap-runtime")
         try:
             submit = lambda k: [pool.submit(self._pixels, x) for x in chunks[k]] if k < len(chunks) else []  # noqa: E731
             pending = submit(0)

@@ -22,8 +22,8 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 
 from .. import __version__
+from .._images import DECODE_THREADS
 from ..errors import DataError, ScoreError
-from ..runs import DECODE_THREADS
 from .batching import MicroBatcher
 from .bodies import ApiError, read_images
 from .model import ServedModel, Upload

@@ -55,10 +55,13 @@ def file_sha256(path: Path) -> str:
 EXPORTED = (".onnx", ".xml")  # exported models, scored by `anomap.runtime` (onnxruntime, OpenVINO)
 
 
-def load_model(path: Path, device: str | None) -> tuple[Detector | ExportedModel, str, int]:
-    """The detector or exported model in `path`, its file format and format version."""
+def load_model(path: Path, device: str | None, key: bytes | None = None) -> tuple[Detector | ExportedModel, str, int]:
+    """The detector (with `key`: signed with it) or exported model in `path`, its file format and
+    format version."""
     if path.suffix.lower() not in EXPORTED:
-        return load(path, device=device), FORMAT, FORMAT_VERSION
+        return load(path, device=device, key=key), FORMAT, FORMAT_VERSION
+    if key is not None:
+        raise AnomapError(f"{path}: exported files carry no signature; --key applies to model files")
     from .. import runtime
 
     if device not in (None, "cpu", "auto"):
@@ -72,11 +75,12 @@ class ServedModel:
     Args:
         path: a model file (`.anomap`), or an exported one (`.onnx`, OpenVINO `.xml`).
         device: overrides the saved device ("cpu", "cuda", "auto"); None keeps it.
+        key: when given, a model file must be signed with it.
     """
 
-    def __init__(self, path: str | Path, device: str | None = None) -> None:
+    def __init__(self, path: str | Path, device: str | None = None, key: bytes | None = None) -> None:
         path = Path(path)
-        self.detector, self.format, self.format_version = load_model(path, device)
+        self.detector, self.format, self.format_version = load_model(path, device, key)
         self.sha256 = file_sha256(path)
         if self.detector.threshold_ is None:
             raise ScoreError(f"{path}: the model has no threshold; calibrate it before serving")

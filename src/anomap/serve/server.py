@@ -102,6 +102,7 @@ def prepare(
     max_batch: int = 16,
     max_upload_mb: float = 20.0,
     device: str | None = None,
+    key: bytes | None = None,
 ) -> Serving:
     """Check the settings, load the model and bind the address (port 0: any free port).
 
@@ -119,7 +120,7 @@ def prepare(
     _limit_malloc_arenas(MALLOC_ARENAS)
     sock = _bind(host, port)
     try:
-        served = ServedModel(model, device)
+        served = ServedModel(model, device, key)
     except BaseException:
         sock.close()
         raise
