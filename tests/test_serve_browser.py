@@ -111,6 +111,16 @@ def test_a_defective_image_shows_anomalous_with_a_heatmap(browser, server, tmp_p
     tab.close()
 
 
+def test_the_api_docs_work_offline(browser, server):
+    tab = browser.new_page()
+    outside = []
+    tab.on("request", lambda req: None if req.url.startswith((server.url, "data:")) else outside.append(req.url))
+    tab.goto(server.url + "/docs")
+    tab.get_by_text("/v1/predict/batch").first.wait_for()
+    assert outside == []
+    tab.close()
+
+
 def test_a_file_that_is_no_image_shows_the_error(browser, server, tmp_path):
     text = tmp_path / "notes.png"
     text.write_text("not an image")

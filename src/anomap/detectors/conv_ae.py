@@ -28,7 +28,6 @@ from .training import (
     module_tensors,
     normal_scores,
     seeded_module,
-    train_autoencoder,
 )
 
 STRIDE = 16  # total downsampling of the encoder
@@ -95,17 +94,7 @@ class ConvAE(Detector, TrainingParams):
         pixels = torch.cat([batch.to("cpu", torch.float16) for batch in self._batches(images, "fit images")])
         fit_idx, held_idx = holdout_split(len(pixels), self.holdout, self.seed)
         self.net_ = seeded_module(lambda: _network(self.width, self.bottleneck), self.seed)
-        self.train_losses_ = train_autoencoder(
-            self.net_,
-            pixels[fit_idx],
-            epochs=self.epochs,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            device=self.device_,
-            seed=self.seed,
-            prepare=_flip if self.augment else None,
-            desc="conv_ae train",
-        )
+        self._train_net(pixels[fit_idx], _flip if self.augment else None, "conv_ae train")
         score = lambda x: self._score_batch(x.float())[0]  # noqa: E731
         return normal_scores(score, pixels, fit_idx, held_idx, self.batch_size, self.device_)
 

@@ -34,7 +34,6 @@ from .training import (
     module_tensors,
     normal_scores,
     seeded_module,
-    train_autoencoder,
 )
 
 
@@ -93,17 +92,7 @@ class DFR(Detector, FeatureParams, TrainingParams):
         self.mean_, self.std_ = (s.to(self.device_) for s in channel_stats(feats[fit_idx], [0, 2, 3]))
         self.latent_ = self.latent or self._pca_latent(feats[fit_idx])
         self.net_ = seeded_module(lambda: _network(feats.shape[1], self.latent_), self.seed)
-        self.train_losses_ = train_autoencoder(
-            self.net_,
-            feats[fit_idx],
-            epochs=self.epochs,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            device=self.device_,
-            seed=self.seed,
-            prepare=lambda x, _: self._standardize(x),
-            desc="dfr train",
-        )
+        self._train_net(feats[fit_idx], lambda x, _: self._standardize(x), "dfr train")
         score = lambda x: self._score(x)[0]  # noqa: E731
         return normal_scores(score, feats, fit_idx, held_idx, self.batch_size, self.device_)
 

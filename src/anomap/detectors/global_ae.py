@@ -30,7 +30,6 @@ from .training import (
     module_tensors,
     normal_scores,
     seeded_module,
-    train_autoencoder,
 )
 
 
@@ -66,17 +65,7 @@ class GlobalAE(Detector, FeatureParams, TrainingParams):
         fit_idx, held_idx = holdout_split(len(vectors), self.holdout, self.seed)
         self.mean_, self.std_ = (s.to(self.device_) for s in channel_stats(vectors[fit_idx], [0]))
         self.net_ = seeded_module(lambda: _network(vectors.shape[1], self.hidden), self.seed)
-        self.train_losses_ = train_autoencoder(
-            self.net_,
-            vectors[fit_idx],
-            epochs=self.epochs,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            device=self.device_,
-            seed=self.seed,
-            prepare=lambda x, _: self._standardize(x),
-            desc="global_ae train",
-        )
+        self._train_net(vectors[fit_idx], lambda x, _: self._standardize(x), "global_ae train")
         return normal_scores(self._score, vectors, fit_idx, held_idx, self.batch_size, self.device_)
 
     def _pool(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:

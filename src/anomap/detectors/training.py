@@ -84,6 +84,21 @@ class TrainingParams:
     lr: float = param(1e-3, LEARNING_RATE, "Adam learning rate")
     holdout: float = param(0.15, HOLDOUT, "fraction of the training images held out for the threshold")
 
+    def _train_net(self, data: torch.Tensor, prepare: Prepare | None, desc: str) -> None:
+        """Train `net_` on `data` (N, ...) with this detector's epochs, lr, batch size, device and
+        seed (`train_autoencoder`); the losses per epoch go to `train_losses_`."""
+        self.train_losses_ = train_autoencoder(
+            self.net_,
+            data,
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            device=self.device_,
+            seed=self.seed,
+            prepare=prepare,
+            desc=desc,
+        )
+
 
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded split of n training images into (fit indices, held-out indices), both sorted.

@@ -101,6 +101,8 @@ def create_app(
         title="anomap",
         version=__version__,
         lifespan=lifespan,
+        docs_url=None,  # served by _add_docs, without a CDN
+        redoc_url=None,
         description="Anomaly scores, decisions and defect maps for images. Higher scores are more "
         "anomalous; an image is anomalous when its score is at least the threshold.",
     )
@@ -169,6 +171,7 @@ def create_app(
         return {"results": await predict(request, mask, heatmap, many=True)}
 
     _add_page(app)
+    _add_docs(app)
     return app
 
 
@@ -238,6 +241,29 @@ def _add_page(app: FastAPI) -> None:
 
     for name, media in STATIC.items():
         app.add_api_route(f"/static/{name}", _static(files[name], media, headers), include_in_schema=False)
+
+
+def _add_docs(app: FastAPI) -> None:
+    """OpenAPI docs at /docs, with Swagger UI's script and style served from the installed
+    fastapi-offline package rather than a CDN, so that they work offline."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    folder = resources.files("fastapi_offline") / "static"
+    headers = {"X-Content-Type-Options": "nosniff"}
+    for name, media in (("swagger-ui-bundle.js", "text/javascript"), ("swagger-ui.css", "text/css")):
+        app.add_api_route(
+            f"/docs/{name}", _static((folder / name).read_bytes(), media, headers), include_in_schema=False
+        )
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title="anomap API",
+            swagger_js_url="/docs/swagger-ui-bundle.js",
+            swagger_css_url="/docs/swagger-ui.css",
+            swagger_favicon_url="data:,",
+        )
 
 
 def _static(content: bytes, media: str, headers: dict[str, str]):
