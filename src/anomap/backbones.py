@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ._fold import fold_batchnorm
+from ._images import IMAGENET_MEAN, IMAGENET_STD
 from .efficientnet_lite import LITE, EfficientNetLite
 from .errors import BackboneError
 
@@ -42,8 +43,6 @@ logger = logging.getLogger(__name__)
 
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 _STRIDES = (4, 8, 16, 32)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _resnet_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
