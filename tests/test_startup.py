@@ -42,7 +42,8 @@ LAYERS = {
     "evaluation": 6,
     "benchmark": 7,
     "runs": 7,
-    "cli": 8,
+    "commands": 8,
+    "cli": 9,
 }
 CHECKED = (
     "_rng",
@@ -55,6 +56,7 @@ CHECKED = (
     "evaluation",
     "benchmark",
     "runs",
+    "commands",
     "cli",
 )
 
