@@ -120,6 +120,17 @@ def markdown(rows: list[dict], bold: bool = False) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(r, c) for c in COLUMNS) + " |" for r in rows])
 
 
+def auto_gaps(rows: list[dict]) -> str:
+    """How far the auto row is from the best PatchCore or PaDiM row on each metric (+ above, - below)."""
+    auto = next(r for r in rows if r["method"] == "auto")
+    single = [r for r in rows if r["method"] in ("patchcore", "padim")]
+    gaps = []
+    for metric in METRICS:
+        best = max(single, key=lambda r: r[metric])
+        gaps.append(f"{metric} {auto[metric] - best[metric]:+.3f} (best single: {best['method']} {best['backbone']})")
+    return "auto against the best single method: " + "; ".join(gaps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data", help="root of the MVTec-layout categories")
@@ -139,6 +150,7 @@ def main() -> None:
     for result in results:
         print(f"\n{result['category']} (test part of the seed-42 split; auto chose on the validation part)")
         print(markdown(result["rows"], bold=True))
+        print(auto_gaps(result["rows"]))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import anomap
 from anomap import PaDiM, PatchCore, create, load
 from anomap.data import MVTecAD
 from anomap.detectors.ensemble import Ensemble, standardize
@@ -53,6 +54,10 @@ def test_normal_scores_pair_the_members_leave_out_scores(ensemble, alone):
     expected = (_z(pc.normal_scores_, pc.normal_scores_) + _z(pd.normal_scores_, pd.normal_scores_)) / 2
     assert_close_scaled(ensemble.normal_scores_, expected)
     assert ensemble.threshold_ == pytest.approx(expected.mean() + 3 * expected.std(), rel=1e-5)
+
+
+def test_ensemble_is_part_of_the_public_api():
+    assert anomap.Ensemble is Ensemble and "Ensemble" in anomap.__all__
 
 
 def test_standardize_known_answer_and_flat_scores():

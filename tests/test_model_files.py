@@ -3,8 +3,10 @@ killed midway leaves the old file intact."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -49,6 +51,33 @@ def test_truncated(tmp_path, model, keep):
     (tmp_path / "t.anomap").write_bytes(data[:n])
     with pytest.raises(ModelFileError, match="t.anomap"):
         load(tmp_path / "t.anomap")
+
+
+def test_a_loaded_model_does_not_depend_on_its_file(tmp_path, model):
+    """Cutting the file short after `load` (an in-place rewrite by another program) leaves the
+    loaded model working: its tensors are copies, not views of the file's memory mapping, which
+    would end the process with a bus error. Run in a child process so that such a crash is seen."""
+    copy = tmp_path / "copy.anomap"
+    copy.write_bytes(model.read_bytes())
+    code = textwrap.dedent(f"""
+        import os, numpy
+        from anomap import load
+        det = load({str(copy)!r})
+        os.truncate({str(copy)!r}, 100)
+        print(det.predict([numpy.zeros((40, 40, 3), "uint8")]).scores[0])
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) == pytest.approx(float(load(model).predict([np.zeros((40, 40, 3), "uint8")]).scores[0]))
+
+
+def test_a_saved_model_gets_the_permissions_of_any_new_file(tmp_path, model):
+    umask = os.umask(0o027)
+    try:
+        saved = load(model).save(tmp_path / "shared.anomap")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o640  # 0o666 less the umask, not safetensors' 0o600
 
 
 def test_every_header_byte_flipped_is_detected(tmp_path, model):

@@ -5,16 +5,19 @@ images, and the record travels in the model file."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
 import pytest
 
-from anomap import load, selection
+from anomap import PaDiM, Prediction, evaluation, load, metrics, runs, selection
 from anomap.cli import main
 from anomap.data import MVTecAD
-from anomap.errors import AnomapError, DataError
+from anomap.detectors.model_file import read_model_file, write_model_file
+from anomap.errors import AnomapError, DataError, ModelFileError
 from anomap.protocol import split_category
+from anomap.report import write_report
 
 from conftest import make_category
 
@@ -62,13 +65,19 @@ def test_the_best_candidate_is_kept_with_its_recorded_figures(selected, poisoned
     assert record["chosen"] == {"method": best["method"], "backbone": best["backbone"]}
     assert (det.method, det.backbone) == (best["method"], best["backbone"])
     for c in record["candidates"]:
-        expected = c["image_auroc"] if c["aupro"] is None else (c["image_auroc"] + c["aupro"]) / 2
-        assert c["score"] == pytest.approx(expected)
+        assert c["aupro"] is not None and c["pixel_auroc"] is not None  # the toy's anomalies have masks
+        assert c["score"] == pytest.approx((c["image_auroc"] + c["pixel_auroc"] + c["aupro"]) / 3)
     val = split_category(MVTecAD(poisoned, "toy"), 5).val
     labels = np.array([s.label for s in val])
     masks = selection._val_masks(val, det)
     again = selection.validation_figures(labels, masks, det.predict(val))
     assert again["score"] == pytest.approx(best["score"], abs=1e-4)
+
+
+def test_without_masks_the_score_is_image_auroc():
+    pred = Prediction(np.array([0.1, 0.9, 0.4], np.float32), np.zeros((3, 4, 4), np.float32), None)
+    figures = selection.validation_figures(np.array([0, 1, 1]), None, pred)
+    assert figures == {"image_auroc": 1.0, "pixel_auroc": None, "aupro": None, "score": 1.0}
 
 
 def test_choose_takes_the_first_of_equal_scores():
@@ -94,7 +103,64 @@ def test_record_is_kept_in_the_model_file(selected, tmp_path):
     path = selection.save_selected(det, record, tmp_path / "auto.anomap")
     assert selection.read_selection(path) == json.loads(json.dumps(record))
     assert load(path).method == det.method
-    assert selection.read_selection(det.save(tmp_path / "plain.anomap")) is None
+    images = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+    plain = PaDiM(**FAST, backbone="efficientnet_lite0").fit(images).save(tmp_path / "plain.anomap")
+    assert selection.read_selection(plain) is None
+
+
+def test_record_survives_calibration_and_any_later_save(selected, poisoned, tmp_path):
+    det, record = selected
+    path = selection.save_selected(det, record, tmp_path / "auto.anomap")
+    runs.calibrate_file(path, poisoned, "toy", seed=5)  # loads, sets the threshold on val, saves again
+    assert selection.read_selection(path) == json.loads(json.dumps(record))
+    again = load(path).save(tmp_path / "again.anomap")
+    assert selection.read_selection(again) == json.loads(json.dumps(record))
+
+
+def test_damaged_record_in_a_model_file_is_refused(selected, tmp_path):
+    det, record = selected
+    meta, tensors = read_model_file(selection.save_selected(det, record, tmp_path / "auto.anomap"))
+    meta = {k: v for k, v in meta.items() if k != "sha256"} | {"selection": "[1, 2]"}
+    with pytest.raises(ModelFileError, match="selection must be a JSON object"):
+        load(write_model_file(tmp_path / "damaged.anomap", tensors, meta))
+
+
+def _run_folder(folder, model: dict):
+    """A run folder of two scored images and the given model.json."""
+    images = [{"path": f"/d/{i}.png", "label": i, "score": 0.1 + i} for i in (0, 1)]
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps(metrics.evaluate(np.array([0, 1]), np.array([0.1, 1.1]), 0.6)))
+    (folder / "predictions.json").write_text(json.dumps({"title": "auto", "threshold": 0.6, "images": images}))
+    (folder / "model.json").write_text(json.dumps(model))
+    return folder
+
+
+def test_report_shows_the_selection_record(selected, tmp_path):
+    det, record = selected
+    model = {"method": det.method, "params": det.get_params(), "threshold": 0.6, "selection": record}
+    page = write_report(_run_folder(tmp_path / "run", model)).read_text()
+    assert record["criterion"] in page
+    rows = re.findall(r"<tr( class=\"chosen\")?><td>(\w+)</td><td>(\w+)</td>", page)
+    assert [(m, b) for _, m, b in rows] == [(c["method"], c["backbone"]) for c in record["candidates"]]
+    assert [(m, b) for chosen, m, b in rows if chosen] == [(det.method, det.backbone)]
+    best = max(record["candidates"], key=lambda c: c["score"])
+    assert f"{best['score']:.4f}" in page
+
+
+def test_an_evaluation_of_a_selected_model_reports_its_record(selected, poisoned, tmp_path):
+    det, record = selected
+    loaded = load(selection.save_selected(det, record, tmp_path / "auto.anomap"))
+    val = split_category(MVTecAD(poisoned, "toy"), 5).val  # readable, unlike the poisoned test part
+    page = evaluation.write_run(tmp_path / "run", loaded, evaluation.evaluate(loaded, val), "auto").read_text()
+    assert json.loads((tmp_path / "run/model.json").read_text())["selection"] == json.loads(json.dumps(record))
+    assert record["criterion"] in page and page.count('<tr class="chosen">') == 1
+
+
+def test_report_refuses_a_damaged_selection_record(selected, tmp_path):
+    det, record = selected
+    model = {"method": det.method, "selection": {**record, "candidates": [{"method": "padim", "score": "high"}]}}
+    with pytest.raises(DataError, match="selection.candidates"):
+        write_report(_run_folder(tmp_path / "run", model))
 
 
 def test_cli_fit_auto(poisoned, tmp_path, capsys):

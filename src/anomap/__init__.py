@@ -12,6 +12,7 @@ _FROM_DETECTORS = (
     "ConvAE",
     "DFR",
     "Detector",
+    "Ensemble",
     "GlobalAE",
     "GlobalKNN",
     "PSFE",

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,8 +52,10 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_temporary(path)
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 less the umask, as for any new file
     try:
         yield tmp
+        os.chmod(tmp, mode)  # a writer that replaced the file (safetensors) may have left 0o600
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         _place(tmp, path, overwrite)

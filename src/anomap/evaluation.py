@@ -116,7 +116,13 @@ def write_run(out: Path, det: Detector, ev: Evaluation, title: str) -> Path:
     _dump(out / "predictions.json", {"title": title, "threshold": pred.threshold, "images": records})
     _dump(
         out / "model.json",
-        {"method": det.method, "params": det.get_params(), "threshold": det.threshold_, "anomap_version": __version__},
+        {
+            "method": det.method,
+            "params": det.get_params(),
+            "threshold": det.threshold_,
+            "anomap_version": __version__,
+            "selection": getattr(det, "selection_", None),
+        },
     )
     if ev.masks is not None and (curves := pixel_curves(ev.masks, pred.maps)) is not None:
         _dump(out / "pixel_curves.json", curves)

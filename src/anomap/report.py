@@ -44,6 +44,7 @@ from .runfolder import archive_files, output_folder, read_results, read_run
 
 OUTCOMES = {"tp": "true positive", "tn": "true negative", "fp": "false positive", "fn": "false negative"}
 SPLIT_PARTS = ("train", "val", "test")
+SELECTION_FIGURES = ("image_auroc", "pixel_auroc", "aupro", "score")  # validation figures of each candidate
 
 
 def _outcome(label: int, decision: str | None) -> str:
@@ -81,7 +82,33 @@ def _model(model: dict | None) -> dict | None:
     params = model.get("params") or {}
     items = [("method", model.get("method")), ("anomap version", model.get("anomap_version")), *sorted(params.items())]
     about = ", ".join(str(v) for v in (model.get("method"), params.get("backbone")) if v)
-    return {"about": about, "n_params": len(params), "rows": [(k, _json_text(v)) for k, v in items if v is not None]}
+    rows = [(k, _json_text(v)) for k, v in items if v is not None]
+    return {"about": about, "n_params": len(params), "rows": rows, "selection": _selection(model.get("selection"))}
+
+
+def _selection(record: dict | None) -> dict | None:
+    """The `--method auto` record (checked by `anomap.runfolder`): candidates with their validation
+    figures, the chosen one marked."""
+    if not record:
+        return None
+    chosen = (record["chosen"]["method"], record["chosen"]["backbone"])
+    rows = [
+        {
+            "chosen": (c["method"], c["backbone"]) == chosen,
+            "cells": [c["method"], c["backbone"], *(_figure(c.get(k)) for k in SELECTION_FIGURES)],
+        }
+        for c in record["candidates"]
+    ]
+    return {
+        "criterion": record.get("criterion"),
+        "chosen": " on ".join(chosen),
+        "note": record.get("note"),
+        "rows": rows,
+    }
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _tile(rec: dict) -> dict:

@@ -327,7 +327,25 @@ class _Checker:
         if doc.get("params") is not None:
             self.object(doc["params"], "params")
         self.number(doc.get("threshold"), "threshold")
+        if doc.get("selection") is not None:
+            self.selection(doc["selection"])
         return doc
+
+    def selection(self, value: object) -> None:
+        """The record of `--method auto` (`anomap.selection`): criterion, candidates, choice."""
+        doc = self.object(value, "selection")
+        self.text(doc.get("criterion"), "selection.criterion")
+        self.text(doc.get("note"), "selection.note")
+        for key in ("method", "backbone"):
+            self.text(self.object(doc.get("chosen"), "selection.chosen").get(key), f"selection.chosen.{key}", False)
+        if not isinstance(candidates := doc.get("candidates"), list):
+            raise self.fail("selection.candidates", "a list", candidates)
+        for i, c in enumerate(candidates):
+            where = f"selection.candidates[{i}]"
+            for key in ("method", "backbone"):
+                self.text(self.object(c, where).get(key), f"{where}.{key}", False)
+            for key in ("image_auroc", "pixel_auroc", "aupro", "score"):
+                self.number(c.get(key), f"{where}.{key}")
 
 
 def read_results(folder: str | Path, metrics: tuple[str, ...], parts: tuple[str, ...]) -> dict:

@@ -27,7 +27,7 @@ from . import metrics
 from .data import MVTecAD, Sample, load_masks
 from .detectors import Detector, Prediction, create
 from .detectors.ensemble import Ensemble, standardize
-from .detectors.model_file import read_model_file, write_model_file
+from .detectors.model_file import read_model_file
 from .errors import AnomapError
 from .protocol import Split, split_category
 
@@ -37,8 +37,8 @@ BACKBONES = ("efficientnet_lite0", "efficientnet_lite1")
 METHODS = ("patchcore", "padim", "ensemble")
 DEFAULT = {"method": "ensemble", "backbone": "efficientnet_lite1"}  # the offline default backbone
 CRITERION = (
-    "mean of image AUROC and AUPRO on the validation split (image AUROC alone when no validation "
-    "mask marks an anomalous pixel)"
+    "mean of image AUROC, pixel AUROC and AUPRO on the validation split (image AUROC alone when no "
+    "validation mask marks an anomalous pixel)"
 )
 # parameters every candidate takes; anything else belongs to one method only
 SHARED = ("backbone", "image_size", "crop", "device", "batch_size", "seed", "weights", "threshold_images")
@@ -53,10 +53,13 @@ def ensemble_prediction(patchcore: Prediction, padim: Prediction, normal: list[n
 
 
 def validation_figures(labels: np.ndarray, masks: np.ndarray | None, pred: Prediction) -> dict:
-    """Image AUROC, AUPRO (None without masks) and the criterion's score of one candidate."""
+    """Image AUROC, pixel AUROC and AUPRO (both None without masks) of one candidate from its
+    (N,) labels, (N, S, S) masks and prediction, and the criterion's score."""
     image = metrics.image_auroc(labels, pred.scores)
-    pro = metrics.aupro(masks, pred.maps) if masks is not None else None
-    return {"image_auroc": image, "aupro": pro, "score": image if pro is None else (image + pro) / 2}
+    if masks is None:
+        return {"image_auroc": image, "pixel_auroc": None, "aupro": None, "score": image}
+    pixel, pro = metrics.pixel_auroc(masks, pred.maps), metrics.aupro(masks, pred.maps)
+    return {"image_auroc": image, "pixel_auroc": pixel, "aupro": pro, "score": (image + pixel + pro) / 3}
 
 
 def _check_params(params: dict) -> None:
@@ -153,11 +156,10 @@ def fit_auto(root: str | Path, category: str, split_seed: int, **params) -> tupl
 
 
 def save_selected(det: Detector, record: dict, path: str | Path) -> Path:
-    """Save the chosen detector with the selection record in its file's `selection` metadata."""
-    det.save(path)
-    meta, tensors = read_model_file(path)
-    meta = {k: v for k, v in meta.items() if k != "sha256"} | {"selection": json.dumps(record)}
-    return write_model_file(path, tensors, meta)
+    """Save the chosen detector with the selection record as its `selection_`, which the model
+    file keeps in its `selection` metadata (and a later save of the loaded detector keeps too)."""
+    det.selection_ = record
+    return det.save(path)
 
 
 def read_selection(path: str | Path) -> dict | None:
@@ -168,10 +170,12 @@ def read_selection(path: str | Path) -> dict | None:
 
 def format_record(record: dict) -> str:
     """The candidates and their validation figures as a plain-text table, then the choice."""
-    lines = [f"{'method':10s} {'backbone':20s} {'image_auroc':>11s} {'aupro':>7s} {'score':>7s}"]
+    lines = [f"{'method':10s} {'backbone':20s} {'image_auroc':>11s} {'pixel_auroc':>11s} {'aupro':>7s} {'score':>7s}"]
     for c in record["candidates"]:
-        pro = "n/a" if c["aupro"] is None else f"{c['aupro']:.4f}"
-        lines.append(f"{c['method']:10s} {c['backbone']:20s} {c['image_auroc']:11.4f} {pro:>7s} {c['score']:7.4f}")
+        pixel, pro = ("n/a" if c[k] is None else f"{c[k]:.4f}" for k in ("pixel_auroc", "aupro"))
+        lines.append(
+            f"{c['method']:10s} {c['backbone']:20s} {c['image_auroc']:11.4f} {pixel:>11s} {pro:>7s} {c['score']:7.4f}"
+        )
     lines = lines if record["candidates"] else [record["note"]]
     lines.append(
         f"chosen: {record['chosen']['method']} on {record['chosen']['backbone']} (criterion: {record['criterion']})"

@@ -48,6 +48,8 @@ def save(det, path: str | Path, key: bytes | None = None) -> Path:
         "params": _dumps(det.get_params()),
         "state": _dumps({**state, "threshold": det.threshold_}),
     }
+    if getattr(det, "selection_", None) is not None:  # how `--method auto` chose it (`anomap.selection`)
+        meta["selection"] = _dumps(det.selection_)
     return write_model_file(path, tensors, meta, key)
 
 
@@ -109,6 +111,8 @@ def load(path: str | Path, *, device: str | None = None, key: bytes | None = Non
     _restore(path, det, tensors, state)
     if threshold is not None:
         det.set_threshold(threshold)
+    if "selection" in meta:
+        det.selection_ = _json_object(path, meta, "selection")
     det.fitted_ = True
     return det
 
@@ -174,7 +178,7 @@ def read_model_file(path: str | Path) -> tuple[dict[str, str], dict[str, torch.T
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            tensors = {k: fh.get_tensor(k).clone() for k in fh.keys()}  # copies: not backed by the file
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise ModelFileError(f"{path}: not a readable anomap model file ({err})") from None
     if meta.get("format") != FORMAT:
