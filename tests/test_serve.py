@@ -337,6 +337,27 @@ def test_oversized_body_is_refused_before_it_is_read(server):
         assert sock.recv(64).startswith(b"HTTP/1.1 413")
 
 
+def test_requests_beyond_max_pending_get_503_at_once(model_file, tmp_path):
+    """With --max-pending 1, a request whose body is still arriving holds the only place: a second
+    gets a JSON 503 at once, and the first is answered when its body is complete."""
+    srv = Server(model_file, tmp_path / "log.txt", "--max-pending", "1")
+    body = GOOD[0].read_bytes()
+    try:
+        host, port = srv.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            head = f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}"
+            sock.sendall(head.encode() + b"\r\n\r\n" + body[:100])
+            time.sleep(1.0)  # the first request is now in progress, waiting for the rest of its body
+            busy = httpx.post(srv.url + "/v1/predict", **raw(GOOD[1]), timeout=60)
+            sock.sendall(body[100:])
+            first = sock.recv(64)
+        after = httpx.post(srv.url + "/v1/predict", **raw(GOOD[1]), timeout=60)
+    finally:
+        srv.stop()
+    assert busy.status_code == 503 and "max-pending" in busy.json()["error"] and busy.headers["retry-after"] == "1"
+    assert first.startswith(b"HTTP/1.1 200") and after.status_code == 200
+
+
 def test_a_burst_of_bad_requests_leaves_the_server_serving(api, server, detector):
     before = api.post("/v1/predict", **raw(BAD[9])).json()["score"]
     kinds = bad_requests()

@@ -147,6 +147,11 @@ def _add_serve_command(sub) -> None:
     )
     srv.add_argument("--max-batch", type=int, default=16, help="most images scored together")
     srv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MiB")
+    srv.add_argument(
+        "--max-pending",
+        type=int,
+        help="most prediction requests in progress at once; more get 503 (default: 4 x --max-batch)",
+    )
     srv.add_argument("--device", choices=["cpu", "cuda", "auto"], help=DEVICE_HELP)
     srv.add_argument("--key", metavar="FILE", help=KEY_HELP)
     srv.set_defaults(func=commands.cmd_serve)

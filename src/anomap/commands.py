@@ -352,6 +352,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token_file=args.token_file,
         max_batch=args.max_batch,
         max_upload_mb=args.max_upload_mb,
+        max_pending=args.max_pending,
         device=args.device,
         key=_read_key(args.key),
     )

@@ -70,7 +70,12 @@ BATCH_DOC = {
 
 
 def create_app(
-    model: ServedModel, *, token: str | None = None, max_batch: int = 16, max_upload_mb: float = 20.0
+    model: ServedModel,
+    *,
+    token: str | None = None,
+    max_batch: int = 16,
+    max_upload_mb: float = 20.0,
+    max_pending: int = 64,
 ) -> FastAPI:
     """The application serving `model`.
 
@@ -78,6 +83,8 @@ def create_app(
         token: when given, every /v1 call needs `Authorization: Bearer <token>`.
         max_batch: most images per forward pass.
         max_upload_mb: largest request body, in MiB (one image, or all images of a batch request).
+        max_pending: most prediction requests in progress at once (being read, queued or scored);
+            more are answered 503 at once, so that bodies held in memory stay bounded.
     """
     # decoding and pictures on as many threads as offline prediction decodes with; scoring on one
     # thread of its own, which keeps the backbone's thread pool
@@ -85,6 +92,7 @@ def create_app(
     scoring = ThreadPoolExecutor(1, thread_name_prefix="anomap-serve-score")
     batcher = MicroBatcher(model.score, max_batch, executor=scoring)
     limit = int(max_upload_mb * 2**20)
+    admission = _Admission(max_pending)
 
     async def in_images(func, *args):
         return await asyncio.get_running_loop().run_in_executor(images, func, *args)
@@ -111,6 +119,10 @@ def create_app(
 
     async def predict(request: Request, mask: bool, heatmap: bool, many: bool) -> list[dict[str, Any]]:
         start = time.perf_counter()
+        with admission:
+            return await _answer(request, mask, heatmap, many, start)
+
+    async def _answer(request: Request, mask: bool, heatmap: bool, many: bool, start: float) -> list[dict[str, Any]]:
         bodies = await read_images(request, limit, MAX_BATCH_FILES if many else 1)
         uploads = await asyncio.gather(
             *(
@@ -141,7 +153,12 @@ def create_app(
     @app.get("/v1/model", summary="the served model", dependencies=[authorized])
     async def describe() -> dict[str, Any]:
         return model.describe() | {
-            "limits": {"max_batch": max_batch, "max_upload_mb": max_upload_mb, "max_batch_files": MAX_BATCH_FILES}
+            "limits": {
+                "max_batch": max_batch,
+                "max_upload_mb": max_upload_mb,
+                "max_batch_files": MAX_BATCH_FILES,
+                "max_pending": max_pending,
+            }
         }
 
     @app.post(
@@ -227,6 +244,24 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(ScoreError, score_error)
     app.add_exception_handler(Exception, bug)
+
+
+class _Admission:
+    """At most `limit` requests inside the block at once (one event loop: no lock needed); one
+    more gets 503 at once, before its body is read."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.active = limit, 0
+
+    def __enter__(self) -> None:
+        if self.active >= self.limit:
+            raise ApiError(
+                503, f"busy: {self.limit} requests are in progress (--max-pending); retry later", {"Retry-After": "1"}
+            )
+        self.active += 1
+
+    def __exit__(self, *exc) -> None:
+        self.active -= 1
 
 
 def _add_page(app: FastAPI) -> None:

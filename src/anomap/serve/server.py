@@ -21,6 +21,7 @@ MALLOC_ARENAS = 2
 MIN_TOKEN_CHARS = 16
 MAX_UPLOAD_MB = 1024
 MAX_BATCH = 256
+MAX_PENDING = 4096
 GRACE_SECONDS = 30  # requests still running after this long at shutdown are dropped
 
 
@@ -101,6 +102,7 @@ def prepare(
     token_file: str | Path | None = None,
     max_batch: int = 16,
     max_upload_mb: float = 20.0,
+    max_pending: int | None = None,
     device: str | None = None,
     key: bytes | None = None,
 ) -> Serving:
@@ -114,6 +116,9 @@ def prepare(
         raise AnomapError(f"--port must be from 0 to 65535, got {port}")
     if not 1 <= max_batch <= MAX_BATCH:
         raise AnomapError(f"--max-batch must be from 1 to {MAX_BATCH}, got {max_batch}")
+    max_pending = 4 * max_batch if max_pending is None else max_pending
+    if not 1 <= max_pending <= MAX_PENDING:
+        raise AnomapError(f"--max-pending must be from 1 to {MAX_PENDING}, got {max_pending}")
     if not 0 < max_upload_mb <= MAX_UPLOAD_MB:
         raise AnomapError(f"--max-upload-mb must be above 0 and at most {MAX_UPLOAD_MB}, got {max_upload_mb:g}")
     token = None if token_file is None else read_token(token_file)
@@ -124,7 +129,7 @@ def prepare(
     except BaseException:
         sock.close()
         raise
-    app = create_app(served, token=token, max_batch=max_batch, max_upload_mb=max_upload_mb)
+    app = create_app(served, token=token, max_batch=max_batch, max_upload_mb=max_upload_mb, max_pending=max_pending)
     config = uvicorn.Config(app, timeout_graceful_shutdown=GRACE_SECONDS, server_header=False)
     return Serving(uvicorn.Server(config), sock, served)
 
