@@ -189,3 +189,17 @@ def test_coreset_triton_kernels_match_naive_in_the_interpreter():
     x = torch.randn(300, 20, generator=torch.Generator().manual_seed(3))
     assert int(out[0]) == 40
     assert [int(v) for v in out[1:]] == naive_greedy(x, 40, 7)
+
+
+def test_cpu_coreset_keeps_torch_thread_count():
+    """numba's parallel kernel once set the process's OpenMP thread count, and with it torch's, to
+    numba's pool size, so OMP_NUM_THREADS=1 stopped holding after the first coreset."""
+    code = (
+        "import torch, anomap.ops as ops\n"
+        "x = torch.randn(20000, 16, generator=torch.Generator().manual_seed(0))\n"
+        "ops.greedy_coreset(x, 600, progress=False)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.split() == ["1"]

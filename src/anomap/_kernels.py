@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
+import torch
 from numba import njit, prange
 
 BLOCK = 4096  # points per parallel work item of the sweep
@@ -45,9 +47,9 @@ def _sweep(x, xn, mind, assign, dc2, c, cc, i, bmax, barg):  # pragma: no cover 
         bmax[b], barg[b] = best, arg
 
 
-@njit(fastmath=True, cache=True)
-def greedy_steps(x, xn, mind, assign, centers, cn, chosen, dc2, bmax, barg, start, stop):  # pragma: no cover
-    """Run greedy k-center iterations start..stop-1 in place (see `anomap.ops.greedy_coreset`).
+def greedy_steps(x, xn, mind, assign, centers, cn, chosen, dc2, bmax, barg, start: int, stop: int) -> int:
+    """Run greedy k-center iterations start..stop-1 in place (see `anomap.ops.greedy_coreset`) on
+    as many threads as torch uses (at most numba's pool), leaving torch's thread count as it was.
 
     Args:
         x: (N, D) float32 points; xn: (N,) their squared norms.
@@ -59,6 +61,18 @@ def greedy_steps(x, xn, mind, assign, centers, cn, chosen, dc2, bmax, barg, star
     Returns:
         the first iteration not run: `stop`, or earlier when every point already is a center.
     """
+    threads = torch.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    try:
+        return _greedy_steps(x, xn, mind, assign, centers, cn, chosen, dc2, bmax, barg, start, stop)
+    finally:
+        # numba's OpenMP layer sets the process's OpenMP thread count, which torch reads as its own
+        torch.set_num_threads(threads)
+
+
+@njit(fastmath=True, cache=True)
+def _greedy_steps(x, xn, mind, assign, centers, cn, chosen, dc2, bmax, barg, start, stop):  # pragma: no cover
+    """`greedy_steps`, compiled."""
     for i in range(start, stop):
         new = barg[np.argmax(bmax)]
         if mind[new] <= 0:

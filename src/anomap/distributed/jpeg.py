@@ -13,21 +13,28 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .._images import Preprocess
+from .._images import Preprocess, _open, _orientation
+from ..errors import DataError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def exif_orientation(path: str | Path) -> int:
-    """The EXIF orientation tag of an image file (1 = as stored), reading the header only."""
-    with Image.open(path) as img:
-        try:
-            return int(img.getexif().get(ExifTags.Base.Orientation, 1))
-        except (OSError, ValueError, SyntaxError, EOFError):
-            return 1  # unreadable EXIF: PIL's exif_transpose leaves such images as they are too
+def read_jpeg(path: str | Path) -> tuple[np.ndarray, int]:
+    """A JPEG file's bytes, (N,) uint8, and its EXIF orientation (1 = as stored), its header
+    checked as `load_image` checks it (and parsed once).
+
+    Raises:
+        DataError: the file fails `load_image`'s header checks, or is not a JPEG file.
+    """
+    path = Path(path)
+    with _open(path) as img:
+        orientation = _orientation(img, path)
+    data = np.fromfile(path, np.uint8)
+    if data[:3].tobytes() != JPEG_MAGIC:
+        raise DataError(f"{path}: not a JPEG file; decoding on the GPU reads JPEG only (use the cpu decoder)")
+    return data, orientation
 
 
 def decode_jpegs(
@@ -38,7 +45,7 @@ def decode_jpegs(
     Args:
         data: (sum(sizes),) uint8, the files' bytes one after the other.
         sizes: (B,) int, each file's length.
-        orientations: (B,) int, each file's EXIF orientation (see `exif_orientation`).
+        orientations: (B,) int, each file's EXIF orientation (see `read_jpeg`).
         preprocess: the detector's `preprocess_`.
         device: where to decode ("cuda" uses nvJPEG) and return the result.
 
