@@ -9,7 +9,7 @@ the test images, and with --pictures also the work of `anomap predict`: scores p
 mask PNG per image), then the server at each concurrency, the test images sent from an async
 client, a bounded number of requests under a time limit. Prints throughput, its ratio to the same
 round's offline throughput (median over rounds), p50/p95/p99 latency, errors, the mean batch the
-server formed, and the server's RSS at start, after a warm-up at the largest batch, and at the end;
+server formed, and the server's RSS at start, after a warm-up of every setting, and after each round;
 --out writes it all as JSON.
 """
 
@@ -185,9 +185,10 @@ def main() -> None:
     proc, url = start_server(model, args.max_batch, Path(args.cache) / "server.log")
     try:
         rss = {"start": rss_mb(proc.pid)}
-        for _, query in settings:  # warm-up: the largest batches and pictures, so buffers reach their size
-            asyncio.run(load_test(url, bodies, max(levels), 4 * args.max_batch, 300, query))
+        for c, query in settings:  # warm-up: every setting once, so the batch shapes it forms have buffers
+            asyncio.run(load_test(url, bodies, c, 4 * args.max_batch, 300, query))
         rss["after warm-up"] = rss_mb(proc.pid)
+        rss["after each round"] = []
         rounds = {s: [] for s in settings}
         for _ in range(args.rounds):
             base = offline(det, paths, args.offline_repeats, args.pictures)
@@ -196,7 +197,8 @@ def main() -> None:
                     load_test(url, bodies, c, args.requests // args.rounds, args.time_limit / args.rounds, query)
                 )
                 rounds[(c, query)].append({**run, "offline": base[query]})
-        rss["end"] = rss_mb(proc.pid)
+            rss["after each round"].append(rss_mb(proc.pid))
+        rss["end"] = rss["after each round"][-1]
     finally:
         proc.terminate()
         proc.wait(60)
@@ -219,7 +221,9 @@ def main() -> None:
     growth = rss["end"] / rss["after warm-up"] - 1
     print(
         f"\nserver RSS: {rss['start']:.0f} MB at start, {rss['after warm-up']:.0f} MB after the warm-up, "
-        f"{rss['end']:.0f} MB at the end ({growth:+.1%} over the measured load)"
+        f"{rss['end']:.0f} MB at the end ({growth:+.1%} over the measured load); after each round: "
+        + ", ".join(f"{v:.0f}" for v in rss["after each round"])
+        + " MB"
     )
     if args.out:
         Path(args.out).write_text(json.dumps({"offline": offline_ips, "rows": rows, "rss_mb": rss}, indent=2))

@@ -238,3 +238,17 @@ def test_outputs_beside_the_input_are_fine(tmp_path, data, fitted, capsys):
     assert code == 0, err
     code, err = run(capsys, "shift", "--data", data, "--category", "toy", "--out", tmp_path / "data-shifted")
     assert code == 0, err
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_only_durable_writes_sync_and_both_are_atomic(tmp_path, monkeypatch, durable):
+    """Pictures are written with durable=False: renamed into place like every file, without the
+    fsyncs of file and folder (which cost more than drawing one)."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    target = tmp_path / "picture.png"
+    target.write_bytes(b"old")
+    write_bytes(target, b"new", durable=durable)
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["picture.png"]
+    assert (len(synced) >= 2) if durable else not synced

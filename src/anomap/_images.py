@@ -282,9 +282,10 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def save_png(path: str | Path, array: np.ndarray, runs: bool = False) -> None:
-    """Write a uint8 array (H, W) or (H, W, 3) as PNG (see `png_bytes`), atomically."""
-    write_bytes(path, png_bytes(array, runs))
+def save_png(path: str | Path, array: np.ndarray, runs: bool = False, durable: bool = True) -> None:
+    """Write a uint8 array (H, W) or (H, W, 3) as PNG (see `png_bytes`), atomically (`durable`:
+    see `anomap._io.atomic_path`)."""
+    write_bytes(path, png_bytes(array, runs), durable=durable)
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,15 @@ class DiskFullError(AnomapError):
 
 
 @contextmanager
-def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | Path, overwrite: bool = True, durable: bool = True) -> Iterator[Path]:
     """Yield a new, empty temporary file next to `path`; on success it is synced and moved to `path`.
 
     The parent folder is created when missing. The temporary file `.<name>.<random>.tmp` is
     created exclusively (never an existing file or a symbolic link); a killed process can leave
-    it behind, never a partial file under the target name.
+    it behind, never a partial file under the target name. `durable=False` skips the two fsyncs
+    (file and folder), which cost more than writing a picture: the rename is still atomic, but
+    after a power cut the new file may be missing or empty. Only for files that can be made
+    again (pictures drawn from saved results).
 
     Raises:
         AnomapError: `path` exists at the end and `overwrite` is False.
@@ -56,10 +59,12 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, mode)  # a writer that replaced the file (safetensors) may have left 0o600
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         _place(tmp, path, overwrite)
-        _sync_folder(path.parent)
+        if durable:
+            _sync_folder(path.parent)
     except Exception as err:
         if (reason := _disk_full(err)) is None:
             raise
@@ -144,9 +149,9 @@ def write_text(path: str | Path, text: str, overwrite: bool = True) -> None:
         tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
-def write_bytes(path: str | Path, data: bytes, overwrite: bool = True) -> None:
+def write_bytes(path: str | Path, data: bytes, overwrite: bool = True, durable: bool = True) -> None:
     """Write a binary file atomically (see `atomic_path`)."""
-    with atomic_path(path, overwrite) as tmp:
+    with atomic_path(path, overwrite, durable) as tmp:
         tmp.write_bytes(data)
 
 

@@ -144,7 +144,7 @@ def _draw(
     lines = _titles(sample, score, threshold)
     aligned = aligned_image(image, det.preprocess_)
     picture = inspection_picture(aligned, amap, *scale, threshold, truth, lines)
-    save_png(out / "pictures" / f"{stem}.png", picture, runs=True)
+    save_png(out / "pictures" / f"{stem}.png", picture, runs=True, durable=False)
     write_pictures(out / "images", stem, image, amap, scale, threshold)
 
 

@@ -94,7 +94,7 @@ def heatmap_overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: floa
 
 def save_heatmap(path: Path, image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> None:
     """Write the heatmap overlay of `amap` on `image` (see `heatmap_overlay`)."""
-    save_png(path, heatmap_overlay(image, amap, vmin, vmax), runs=True)
+    save_png(path, heatmap_overlay(image, amap, vmin, vmax), runs=True, durable=False)
 
 
 def segmentation(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -105,7 +105,7 @@ def segmentation(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def save_segmentation(path: Path, mask: np.ndarray, shape: tuple[int, int]) -> None:
     """Write an (S, S) bool mask, resized (nearest) to (H, W), as a 0/255 PNG."""
-    save_png(path, segmentation(mask, shape), runs=True)
+    save_png(path, segmentation(mask, shape), runs=True, durable=False)
 
 
 def write_pictures(
