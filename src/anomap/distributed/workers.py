@@ -99,7 +99,8 @@ class Scorer:
         """The batch's usable images, preprocessed, on the detector's device. A file the device
         cannot decode gets its reason in `reasons`."""
         if not self.raw:
-            return torch.from_numpy(np.asarray(batch["images"][0], np.float32)).to(self.det.device_)
+            # a writable copy: the batch is a read-only view of Ray's object store
+            return torch.from_numpy(np.array(batch["images"][0], np.float32)).to(self.det.device_)
         data, sizes, turns = batch["data"][0], batch["sizes"][0], batch["orientations"][0]
         try:
             return decode_jpegs(data, sizes, turns, self.det.preprocess_, self.det.device_)
