@@ -222,7 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", help="run `anomap COMMAND --help` for its options"
     )
+    fit, pred = _add_fit_command(sub), _add_predict_command(sub)
+    _add_evaluate_command(sub)
+    _add_report_command(sub)
+    _add_demo_command(sub)
+    _add_engine_options(fit, pred)
+    _add_protocol_commands(sub)
+    _add_serve_command(sub)
+    _add_export_command(sub)
+    return parser
 
+
+def _add_device_and_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], help=DEVICE_HELP)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+
+def _add_fit_command(sub) -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="fit a model on <data>/<category>/train/good")
     fit.add_argument("--data", required=True, help=DATA_HELP)
     fit.add_argument("--category", required=True, help=CATEGORY_HELP)
@@ -248,47 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--param", type=_param, action="append", metavar="KEY=VALUE", help="any other method parameter")
     fit.set_defaults(func=commands.cmd_fit)
-
-    pred = sub.add_parser("predict", help="score images or folders with a saved model")
-    pred.add_argument("model", help=MODEL_HELP)
-    pred.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders (searched recursively)")
-    pred.add_argument("--out", required=True, help="folder for scores.csv and pictures")
-    pred.add_argument(
-        "--skip-bad",
-        action="store_true",
-        help="skip unusable images with a warning (listed in skipped.csv) instead of stopping",
-    )
-    pred.set_defaults(func=commands.cmd_predict)
-
-    ev = sub.add_parser("evaluate", help="all metrics on <data>/<category>/test")
-    ev.add_argument("model", help=MODEL_HELP)
-    ev.add_argument("--data", required=True, help=DATA_HELP)
-    ev.add_argument("--category", required=True, help=CATEGORY_HELP)
-    ev.add_argument("--out", help="folder for metrics.json and pictures")
-    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    ev.add_argument("--zip", action="store_true", help="also write DIR.zip with the whole run folder")
-    ev.set_defaults(func=commands.cmd_evaluate)
-
-    rep = sub.add_parser("report", help="rebuild DIR/report.html (and its plots) from a run folder's saved results")
-    rep.add_argument(
-        "run_dir",
-        metavar="DIR",
-        type=Path,
-        help="folder written by `anomap evaluate --out DIR` or `anomap benchmark --out DIR`",
-    )
-    rep.add_argument("--zip", action="store_true", help="also write DIR.zip with the whole run folder")
-    rep.add_argument("--overwrite", action="store_true", help="replace an existing DIR.zip")
-    rep.set_defaults(func=commands.cmd_report)
-
-    demo = sub.add_parser("demo", help="fit and evaluate PatchCore on the bundled demo data")
-    demo.add_argument("--out", default="anomap-demo", help="folder for the model and the run (default %(default)s)")
-    demo.add_argument("--data", help="root folder in MVTec AD layout (default: the bundled demo data)")
-    demo.add_argument("--category", default="hazelnut_toy", help=CATEGORY_HELP + " (default %(default)s)")
-    demo.set_defaults(func=commands.cmd_demo)
-
-    for p in (fit, pred, ev, demo):
-        p.add_argument("--device", choices=["cpu", "cuda", "auto"], help=DEVICE_HELP)
-        p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_device_and_overwrite(fit)
     fit.add_argument("--seed", type=int, help="seeds every random choice of the method (default 42)")
     fit.add_argument(
         "--split-seed",
@@ -301,13 +277,58 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="file holding a secret (16 bytes or more): sign the model with an HMAC-SHA256 that `--key FILE` checks",
     )
-    for p in (pred, ev):
-        p.add_argument("--key", metavar="FILE", help=KEY_HELP)
-    _add_engine_options(fit, pred)
-    _add_protocol_commands(sub)
-    _add_serve_command(sub)
-    _add_export_command(sub)
-    return parser
+    return fit
+
+
+def _add_predict_command(sub) -> argparse.ArgumentParser:
+    pred = sub.add_parser("predict", help="score images or folders with a saved model")
+    pred.add_argument("model", help=MODEL_HELP)
+    pred.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders (searched recursively)")
+    pred.add_argument("--out", required=True, help="folder for scores.csv and pictures")
+    pred.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unusable images with a warning (listed in skipped.csv) instead of stopping",
+    )
+    pred.set_defaults(func=commands.cmd_predict)
+    _add_device_and_overwrite(pred)
+    pred.add_argument("--key", metavar="FILE", help=KEY_HELP)
+    return pred
+
+
+def _add_evaluate_command(sub) -> None:
+    ev = sub.add_parser("evaluate", help="all metrics on <data>/<category>/test")
+    ev.add_argument("model", help=MODEL_HELP)
+    ev.add_argument("--data", required=True, help=DATA_HELP)
+    ev.add_argument("--category", required=True, help=CATEGORY_HELP)
+    ev.add_argument("--out", help="folder for metrics.json and pictures")
+    ev.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    ev.add_argument("--zip", action="store_true", help="also write DIR.zip with the whole run folder")
+    ev.set_defaults(func=commands.cmd_evaluate)
+    _add_device_and_overwrite(ev)
+    ev.add_argument("--key", metavar="FILE", help=KEY_HELP)
+
+
+def _add_report_command(sub) -> None:
+    rep = sub.add_parser("report", help="rebuild DIR/report.html (and its plots) from a run folder's saved results")
+    rep.add_argument(
+        "run_dir",
+        metavar="DIR",
+        type=Path,
+        help="folder written by `anomap evaluate --out DIR` or `anomap benchmark --out DIR`",
+    )
+    rep.add_argument("--zip", action="store_true", help="also write DIR.zip with the whole run folder")
+    rep.add_argument("--overwrite", action="store_true", help="replace an existing DIR.zip")
+    rep.set_defaults(func=commands.cmd_report)
+
+
+def _add_demo_command(sub) -> None:
+    demo = sub.add_parser("demo", help="fit and evaluate PatchCore on the bundled demo data")
+    demo.add_argument("--out", default="anomap-demo", help="folder for the model and the run (default %(default)s)")
+    demo.add_argument("--data", help="root folder in MVTec AD layout (default: the bundled demo data)")
+    demo.add_argument("--category", default="hazelnut_toy", help=CATEGORY_HELP + " (default %(default)s)")
+    demo.set_defaults(func=commands.cmd_demo)
+    _add_device_and_overwrite(demo)
 
 
 def _one_line(err: BaseException) -> str:
