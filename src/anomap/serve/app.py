@@ -86,24 +86,14 @@ def create_app(
         max_pending: most prediction requests in progress at once (being read, queued or scored);
             more are answered 503 at once, so that bodies held in memory stay bounded.
     """
-    # decoding and pictures on as many threads as offline prediction decodes with; scoring on one
-    # thread of its own, which keeps the backbone's thread pool
-    images = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="anomap-serve-images")
-    scoring = ThreadPoolExecutor(1, thread_name_prefix="anomap-serve-score")
-    batcher = MicroBatcher(model.score, max_batch, executor=scoring)
-    limit = int(max_upload_mb * 2**20)
-    admission = _Admission(max_pending)
-
-    async def in_images(func, *args):
-        return await asyncio.get_running_loop().run_in_executor(images, func, *args)
+    predictor = _Predictor(model, max_batch, int(max_upload_mb * 2**20), max_pending)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        worker = asyncio.create_task(batcher.run())
+        worker = asyncio.create_task(predictor.batcher.run())
         yield
         worker.cancel()
-        for pool in (images, scoring):
-            pool.shutdown(wait=False, cancel_futures=True)
+        predictor.close()
 
     app = FastAPI(
         title="anomap",
@@ -116,35 +106,6 @@ def create_app(
     )
     _add_error_handlers(app)
     authorized = Depends(_authorization(token))
-
-    async def predict(request: Request, mask: bool, heatmap: bool, many: bool) -> list[dict[str, Any]]:
-        start = time.perf_counter()
-        with admission:
-            return await _answer(request, mask, heatmap, many, start)
-
-    async def _answer(request: Request, mask: bool, heatmap: bool, many: bool, start: float) -> list[dict[str, Any]]:
-        bodies = await read_images(request, limit, MAX_BATCH_FILES if many else 1)
-        uploads = await asyncio.gather(
-            *(
-                _prepare(in_images, model, data, heatmap, f"files[{i}]" if many else None)
-                for i, data in enumerate(bodies)
-            )
-        )
-        decoded = time.perf_counter()
-        scored = await asyncio.gather(*(batcher.submit(u.tensor) for u in uploads))
-        ready = time.perf_counter()
-        answers = await asyncio.gather(*(in_images(model.answer, u, s, mask, heatmap) for u, s in zip(uploads, scored)))
-        end = time.perf_counter()
-        for answer, s in zip(answers, scored):
-            answer["batch_size"] = s.batch_size
-            answer["timing_ms"] = {
-                "receive_and_decode": _ms(start, decoded),
-                "score": round(s.seconds * 1e3, 2),
-                "queue_and_score": _ms(decoded, ready),
-                "pictures": _ms(ready, end),
-                "total": _ms(start, end),
-            }
-        return answers
 
     @app.get("/health", summary="liveness: answers while the server runs")
     async def health() -> dict[str, str]:
@@ -172,7 +133,7 @@ def create_app(
         mask: bool = Query(False, description=PICTURES["mask"]),
         heatmap: bool = Query(False, description=PICTURES["heatmap"]),
     ) -> dict[str, Any]:
-        return (await predict(request, mask, heatmap, many=False))[0]
+        return (await predictor(request, mask, heatmap, many=False))[0]
 
     @app.post(
         "/v1/predict/batch",
@@ -185,7 +146,7 @@ def create_app(
         mask: bool = Query(False, description=PICTURES["mask"]),
         heatmap: bool = Query(False, description=PICTURES["heatmap"]),
     ) -> dict[str, Any]:
-        return {"results": await predict(request, mask, heatmap, many=True)}
+        return {"results": await predictor(request, mask, heatmap, many=True)}
 
     _add_page(app)
     _add_docs(app)
@@ -244,6 +205,54 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(ScoreError, score_error)
     app.add_exception_handler(Exception, bug)
+
+
+class _Predictor:
+    """Answers prediction requests: bodies decoded (and pictures drawn) on image threads, scored
+    in micro-batches on one scoring thread, at most `max_pending` requests in progress."""
+
+    def __init__(self, model: ServedModel, max_batch: int, limit: int, max_pending: int) -> None:
+        # decoding and pictures on as many threads as offline prediction decodes with; scoring on
+        # one thread of its own, which keeps the backbone's thread pool
+        self.images = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="anomap-serve-images")
+        self.scoring = ThreadPoolExecutor(1, thread_name_prefix="anomap-serve-score")
+        self.batcher = MicroBatcher(model.score, max_batch, executor=self.scoring)
+        self.model, self.limit, self.admission = model, limit, _Admission(max_pending)
+
+    def close(self) -> None:
+        for pool in (self.images, self.scoring):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _in_images(self, func, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.images, func, *args)
+
+    async def __call__(self, request: Request, mask: bool, heatmap: bool, many: bool) -> list[dict[str, Any]]:
+        start = time.perf_counter()
+        with self.admission:
+            bodies = await read_images(request, self.limit, MAX_BATCH_FILES if many else 1)
+            uploads = await asyncio.gather(
+                *(
+                    _prepare(self._in_images, self.model, data, heatmap, f"files[{i}]" if many else None)
+                    for i, data in enumerate(bodies)
+                )
+            )
+            decoded = time.perf_counter()
+            scored = await asyncio.gather(*(self.batcher.submit(u.tensor) for u in uploads))
+            ready = time.perf_counter()
+            answers = await asyncio.gather(
+                *(self._in_images(self.model.answer, u, s, mask, heatmap) for u, s in zip(uploads, scored))
+            )
+        end = time.perf_counter()
+        for answer, s in zip(answers, scored):
+            answer["batch_size"] = s.batch_size
+            answer["timing_ms"] = {
+                "receive_and_decode": _ms(start, decoded),
+                "score": round(s.seconds * 1e3, 2),
+                "queue_and_score": _ms(decoded, ready),
+                "pictures": _ms(ready, end),
+                "total": _ms(start, end),
+            }
+        return answers
 
 
 class _Admission:
