@@ -19,7 +19,7 @@ from PIL import Image
 
 from anomap import PatchCore, distributed, load
 from anomap.data import MVTecAD, list_images
-from anomap.errors import AnomapError, DataError
+from anomap.errors import AnomapError, DataError, ModelFileError
 
 from conftest import make_category, texture
 
@@ -262,6 +262,17 @@ def test_exported_onnx_model(runtime, model, many, tmp_path):
     np.testing.assert_array_equal(scores, exported.load(onnx).predict(list_images([many / "line0"])).scores)
     with pytest.raises(AnomapError, match="exported models are scored on CPUs"):
         distributed.predict(onnx, [many / "line0"], tmp_path / "gpu", gpus_per_worker=1)
+    with pytest.raises(AnomapError, match="exported files carry no signature"):
+        distributed.predict(onnx, [many / "line0"], tmp_path / "keyed", key=b"0123456789abcdef")
+
+
+def test_a_key_is_checked_before_any_worker_starts(runtime, model, many, tmp_path):
+    signed = load(model).save(tmp_path / "signed.anomap", key=b"0123456789abcdef")
+    with pytest.raises(ModelFileError, match="not signed with this key"):
+        distributed.predict(model, [many / "line0"], tmp_path / "unsigned", key=b"0123456789abcdef")
+    assert not (tmp_path / "unsigned").exists()
+    summary = distributed.predict(signed, [many / "line0"], tmp_path / "out", key=b"0123456789abcdef")
+    assert summary.scored == 12
 
 
 def test_decoding_on_the_workers_scores_like_the_readers(runtime, model, tmp_path):

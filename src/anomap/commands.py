@@ -50,12 +50,6 @@ def _read_key(path: str | None) -> bytes | None:
     return key
 
 
-def _sign(path: Path, args: argparse.Namespace) -> None:
-    """Sign a just-written model file with --sign-key, when given."""
-    if args.sign_key:
-        _module("detectors.model_file").sign(path, _read_key(args.sign_key))
-
-
 def _fit_params(args: argparse.Namespace) -> dict:
     """Only the options the user gave, so each method keeps its own defaults for the rest."""
     given = {
@@ -76,13 +70,13 @@ def _fit_params(args: argparse.Namespace) -> dict:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    _read_key(args.sign_key)  # an unusable key file fails before the fit, not after
+    key = _read_key(args.sign_key)  # an unusable key file fails before the fit, not after
     refuse_inside(out, [args.data, *([args.weights] if args.weights and Path(args.weights).is_file() else [])])
     _refuse_existing(out, args.overwrite)
     if _engine(args) == "ray":
-        return _fit_ray(args, out)
+        return _fit_ray(args, out, key)
     if args.method == "auto":
-        return _fit_auto(args, out)
+        return _fit_auto(args, out, key)
     from . import runs
 
     if args.split_seed is None:
@@ -90,13 +84,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     else:
         det = runs.fit_train_split(args.data, args.category, args.split_seed, args.method, **_fit_params(args))
     with atomic_path(out, args.overwrite) as tmp:  # fails if `out` appeared during the fit
-        det.save(tmp)
-        _sign(tmp, args)
+        det.save(tmp, key=key)
     say(f"saved {det.method} model to {out} (threshold {det.threshold_:.6g})")
     return 0
 
 
-def _fit_auto(args: argparse.Namespace, out: Path) -> int:
+def _fit_auto(args: argparse.Namespace, out: Path, key: bytes | None) -> int:
     from . import selection
 
     if args.split_seed is None:
@@ -105,8 +98,7 @@ def _fit_auto(args: argparse.Namespace, out: Path) -> int:
         )
     det, record = selection.fit_auto(args.data, args.category, args.split_seed, **_fit_params(args))
     with atomic_path(out, args.overwrite) as tmp:  # fails if `out` appeared during the selection
-        selection.save_selected(det, record, tmp)
-        _sign(tmp, args)
+        selection.save_selected(det, record, tmp, key=key)
     print(selection.format_record(record))
     say(
         f"saved {det.method} ({det.backbone}) model to {out} (threshold {det.threshold_:.6g}); "
@@ -133,15 +125,14 @@ def _ray_options(args: argparse.Namespace) -> dict:
     return {"workers": workers, "gpus_per_worker": args.gpus_per_worker or 0.0, "address": args.address}
 
 
-def _fit_ray(args: argparse.Namespace, out: Path) -> int:
+def _fit_ray(args: argparse.Namespace, out: Path, key: bytes | None) -> int:
     from . import distributed  # Ray is imported only for --engine ray
 
     if args.method != "patchcore":
         raise AnomapError(f"--engine ray fits patchcore only, not {args.method}")
     det = distributed.fit_category(args.data, args.category, args.split_seed, **_ray_options(args), **_fit_params(args))
     with atomic_path(out, args.overwrite) as tmp:  # fails if `out` appeared during the fit
-        det.save(tmp)
-        _sign(tmp, args)
+        det.save(tmp, key=key)
     say(f"saved patchcore model to {out} (threshold {det.threshold_:.6g}, {det.memory_bank_.shape[0]} bank entries)")
     return 0
 
@@ -161,6 +152,7 @@ def _predict_ray(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         overwrite=args.overwrite,
         decode=args.decode or "cpu",
+        key=_read_key(args.key),
     )
     earlier = f" ({summary.resumed} by an earlier run)" if summary.resumed else ""
     say(
@@ -176,8 +168,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     refuse_inside(out, [*args.paths, args.model])
     if _engine(args) == "ray":
-        if args.key:  # the workers load the file checked here
-            _load_model(args.model, "cpu", _read_key(args.key))
         return _predict_ray(args)
     if args.batch_size:
         raise AnomapError("--batch-size only applies with --engine ray; the model's batch size is used")

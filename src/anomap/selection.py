@@ -155,11 +155,12 @@ def fit_auto(root: str | Path, category: str, split_seed: int, **params) -> tupl
     return det, {**record, "split_seed": split_seed}
 
 
-def save_selected(det: Detector, record: dict, path: str | Path) -> Path:
+def save_selected(det: Detector, record: dict, path: str | Path, key: bytes | None = None) -> Path:
     """Save the chosen detector with the selection record as its `selection_`, which the model
-    file keeps in its `selection` metadata (and a later save of the loaded detector keeps too)."""
+    file keeps in its `selection` metadata (and a later save of the loaded detector keeps too);
+    `key` signs the file (see `Detector.save`)."""
     det.selection_ = record
-    return det.save(path)
+    return det.save(path, key=key)
 
 
 def read_selection(path: str | Path) -> dict | None:

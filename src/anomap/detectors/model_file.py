@@ -67,12 +67,6 @@ def write_model_file(
     return path
 
 
-def sign(path: str | Path, key: bytes) -> Path:
-    """Add (or replace) the HMAC-SHA256 signature of a model file, rewriting it atomically."""
-    meta, tensors = read_model_file(path)
-    return write_model_file(path, tensors, {k: v for k, v in meta.items() if k not in ("sha256", "signature")}, key)
-
-
 def _sort_header(path: Path) -> None:
     """Rewrite the safetensors header with sorted keys, so the same model gives the same bytes
     (safetensors writes the metadata map in arbitrary order). Same length, rewritten in place."""

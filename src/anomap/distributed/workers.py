@@ -12,7 +12,7 @@ import torch
 
 from .._images import Preprocess, load_image
 from ..detectors import load
-from ..errors import DataError
+from ..errors import AnomapError, DataError
 from ..evaluation import picture_stem
 from ..pictures import write_pictures
 from .jpeg import decode_jpegs, read_jpeg
@@ -27,6 +27,8 @@ def open_model(model: str | Path, device: str, key: bytes | None, threads: int |
     if Path(model).suffix.lower() in EXPORTED:
         from .. import runtime
 
+        if key is not None:
+            raise AnomapError(f"{model}: exported files carry no signature; --key applies to model files")
         return runtime.load(model, threads=threads)
     return load(model, device=device, key=key)
 
