@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 64 * 2**20
 MAX_DEPTH = 32
 MAX_INT_DIGITS = 20
-MAX_COUNT = 10**15  # confusion-matrix cells
+MAX_COUNT = 10**15  # confusion-matrix cells, split sizes
 MAX_MAGNITUDE = 1e100  # scores, thresholds, metrics: their differences and squares stay finite
 MAX_CURVE_POINTS = 100_000
 METRICS = ("image_auroc", "image_auprc", "pixel_auroc", "aupro", "f1", "precision", "recall", "accuracy", "threshold")
@@ -168,6 +168,10 @@ def _object(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
+def _is_count(value: object) -> bool:
+    return type(value) is int and 0 <= value <= MAX_COUNT
+
+
 def _check_strings(path: Path, value: object, where: str) -> None:
     """Every string (keys too) must be text or a file name: no unpaired surrogates."""
     if isinstance(value, dict):
@@ -199,6 +203,11 @@ class _Checker:
     def object(self, value: object, where: str) -> dict:
         if not isinstance(value, dict):
             raise self.fail(where, "a JSON object", value)
+        return value
+
+    def array(self, value: object, where: str) -> list:
+        if not isinstance(value, list):
+            raise self.fail(where, "a list", value)
         return value
 
     def number(self, value: object, where: str, optional: bool = True) -> float | None:
@@ -295,7 +304,7 @@ class _Checker:
             isinstance(matrix, list)
             and len(matrix) == 2
             and all(isinstance(row, list) and len(row) == 2 for row in matrix)
-            and all(type(n) is int and 0 <= n <= MAX_COUNT for row in matrix for n in row)
+            and all(_is_count(n) for row in matrix for n in row)
         ):
             raise self.fail("confusion_matrix", "[[TN, FP], [FN, TP]], four counts", matrix)
         return result
@@ -338,9 +347,7 @@ class _Checker:
         self.text(doc.get("note"), "selection.note")
         for key in ("method", "backbone"):
             self.text(self.object(doc.get("chosen"), "selection.chosen").get(key), f"selection.chosen.{key}", False)
-        if not isinstance(candidates := doc.get("candidates"), list):
-            raise self.fail("selection.candidates", "a list", candidates)
-        for i, c in enumerate(candidates):
+        for i, c in enumerate(self.array(doc.get("candidates"), "selection.candidates")):
             where = f"selection.candidates[{i}]"
             for key in ("method", "backbone"):
                 self.text(self.object(c, where).get(key), f"{where}.{key}", False)
@@ -361,19 +368,16 @@ def read_results(folder: str | Path, metrics: tuple[str, ...], parts: tuple[str,
     doc = check.object(read_json(check.file, required=True), "the file")
     config = check.object(doc.get("config"), "config")
     for key in ("categories", "methods", "seeds"):
-        if not isinstance(config.get(key, []), list):
-            raise check.fail(f"config.{key}", "a list", config[key])
+        check.array(config.get(key, []), f"config.{key}")
     for key in ("rows", "summary"):
-        if not isinstance(doc.get(key), list):
-            raise check.fail(key, "a list", doc.get(key))
-        for i, entry in enumerate(doc[key]):
+        for i, entry in enumerate(check.array(doc.get(key), key)):
             check.result(entry, f"{key}[{i}]", metrics, seed=key == "rows")
     splits = check.object(doc.get("splits") or {}, "splits")
     for name, split in splits.items():
         for part in parts:
             counts = check.object(check.object(split, f"splits.{name}").get(part, {}), f"splits.{name}.{part}")
             for kind in ("normal", "anomalous"):
-                if not (counts.get(kind) is None or (type(counts[kind]) is int and 0 <= counts[kind] <= MAX_COUNT)):
+                if not (counts.get(kind) is None or _is_count(counts[kind])):
                     raise check.fail(f"splits.{name}.{part}.{kind}", "a count or null", counts[kind])
     return doc
 
