@@ -1,12 +1,13 @@
-"""PatchCore, PaDiM and their ensemble on each offline backbone, and `--method auto`, in one table.
+"""PatchCore (zero and reflected borders), PaDiM, their ensemble and auto on each offline backbone.
 
-Protocol (`anomap.protocol.split_category`, seed 42): every detector is fitted on the train part
-and measured on the test part; `auto` ranks the candidates of `anomap.selection` on the
-validation part only (`selection.validation_figures`, `selection.choose`, the same functions
-`select` uses) and is measured on the test part like the others. The ensemble of a backbone is
-`Ensemble.assemble` of that backbone's fitted PatchCore and PaDiM (no other fit): its fit time
-is theirs added. Image size 256, defaults otherwise. Timings are wall-clock on whatever else the
-machine is doing; accuracy does not depend on it.
+Protocol (`anomap.protocol.split_category`, seed 42): every candidate of `anomap.selection`
+(`selection.VARIANTS` on each backbone) is fitted once on the train part and measured on the test
+part. The ensemble row of a backbone is `Ensemble.assemble` of its PatchCore (zeros) and PaDiM with
+equal weights (the default ensemble; no other fit): its fit time is theirs added. `auto` is
+`selection.rank` of the candidates on the backbones of `selection.BACKBONES`, on the validation
+part only, the same function `anomap fit --method auto` runs, measured on the test part like the
+others. Image size 256, defaults otherwise. Timings are wall-clock on whatever else the machine
+is doing; accuracy does not depend on it.
 
     python benchmarks/accuracy.py --data ../shared/data --out bench-accuracy
 """
@@ -27,11 +28,13 @@ from anomap.backbones import backbone_names
 from anomap.data import MVTecAD, load_masks
 from anomap.detectors.ensemble import Ensemble
 from anomap.protocol import split_category
+from anomap.runfolder import candidate_label
 
 CATEGORIES = ("glass_fabric", "magnetic_tile", "hazelnut_toy")
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2")
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 COLUMNS = ("method", "backbone", *METRICS, "fit_s", "predict_ms")
+SINGLE = ("patchcore", "patchcore (reflect)", "padim")
 
 
 def _timed(call):
@@ -40,69 +43,52 @@ def _timed(call):
     return value, time.perf_counter() - start
 
 
-def _test_metrics(labels, masks, pred) -> dict:
+def measure(det, split, masks, method: str, backbone: str, fit_s: float) -> dict:
+    """One row: test-part metrics of a fitted detector, its fit time and prediction time."""
+    pred, seconds = _timed(lambda: det.predict(split.test))
+    labels = np.array([s.label for s in split.test])
     return {
+        "method": method,
+        "backbone": backbone,
         "image_auroc": metrics.image_auroc(labels, pred.scores),
         "pixel_auroc": metrics.pixel_auroc(masks, pred.maps),
         "aupro": metrics.aupro(masks, pred.maps),
+        "fit_s": fit_s,
+        "predict_ms": 1000 * seconds / len(split.test),
     }
 
 
-def run_backbone(split, backbone: str, params: dict, test_masks, val_masks) -> tuple[list[dict], list[dict]]:
-    """Test rows and validation candidates of PatchCore, PaDiM and their ensemble on one backbone."""
-    test_labels = np.array([s.label for s in split.test])
-    val_labels = np.array([s.label for s in split.val])
-    members, fit_s, rows, candidates = {}, {}, [], []
-    for method in ("patchcore", "padim"):
-        fit = lambda m=method: create(m, **params, backbone=backbone).fit(split.train)  # noqa: E731
-        members[method], fit_s[method] = _timed(fit)
-    val = {m: det.predict(split.val) for m, det in members.items()}
-    val["ensemble"] = selection.ensemble_prediction(
-        val["patchcore"], val["padim"], [d.normal_scores_ for d in members.values()]
-    )
-    fit_s["ensemble"] = fit_s["patchcore"] + fit_s["padim"]
-    dets = {**members, "ensemble": Ensemble.assemble(members["patchcore"], members["padim"])}
-    for method, det in dets.items():
-        pred, seconds = _timed(lambda d=det: d.predict(split.test))
-        rows.append(
-            {
-                "method": method,
-                "backbone": backbone,
-                **_test_metrics(test_labels, test_masks, pred),
-                "fit_s": fit_s[method],
-                "predict_ms": 1000 * seconds / len(split.test),
-            }
-        )
-        candidates.append(
-            {"method": method, "backbone": backbone, **selection.validation_figures(val_labels, val_masks, val[method])}
-        )
-    return rows, candidates
+def weights_text(record: dict) -> str:
+    """The candidates auto weighted: "label backbone (score weight/map weight)", joined by +."""
+    used = [c for c in record["candidates"] if c["score_weight"] or c["map_weight"]]
+    return " + ".join(f"{candidate_label(c)} {c['backbone']} ({c['score_weight']:g}/{c['map_weight']:g})" for c in used)
 
 
 def run_category(root: str, category: str, backbones, params: dict) -> dict:
     split = split_category(MVTecAD(root, category), 42)
-    resize = Preprocess(size=params["image_size"])  # masks depend on the size (and crop) only
-    test_masks, val_masks = load_masks(split.test, resize), load_masks(split.val, resize)
-    rows, candidates = [], []
+    masks = load_masks(split.test, Preprocess(size=params["image_size"]))  # size (and crop) only
+    candidates, rows = [], []
     for backbone in backbones:
-        new_rows, new_candidates = run_backbone(split, backbone, params, test_masks, val_masks)
-        rows += new_rows
-        candidates += new_candidates
-        print(markdown(new_rows), file=sys.stderr, flush=True)
-    pool = [c for c in candidates if c["backbone"] in selection.BACKBONES]
-    chosen = pool[selection.choose(pool)]
-    picked = next(r for r in rows if (r["method"], r["backbone"]) == (chosen["method"], chosen["backbone"]))
-    rows.append(
-        {
-            **picked,
-            "method": "auto",
-            "backbone": f"{chosen['method']}/{chosen['backbone']}",
-            "fit_s": sum(
-                r["fit_s"] for r in rows if r["backbone"] in selection.BACKBONES and r["method"] != "ensemble"
-            ),
-        }
+        fitted = []
+        for method, variant in selection.VARIANTS:
+            spec = {"method": method, "backbone": backbone, **variant}
+            det, seconds = _timed(
+                lambda m=method, v=variant, b=backbone: create(m, **params, backbone=b, **v).fit(split.train)
+            )
+            fitted.append((spec, det, seconds))
+            label = candidate_label(spec if spec.get("border") == "reflect" else {"method": method})
+            rows.append(measure(det, split, masks, label, backbone, seconds))
+        pair = [(det, s) for spec, det, s in fitted if spec.get("border") != "reflect"]
+        ensemble = Ensemble.assemble([det for det, _ in pair])
+        rows.append(measure(ensemble, split, masks, "ensemble", backbone, sum(s for _, s in pair)))
+        candidates += [(spec, det, s) for spec, det, s in fitted if backbone in selection.BACKBONES]
+        print(markdown(rows[-4:]), file=sys.stderr, flush=True)
+    (det, record), rank_s = _timed(
+        lambda: selection.rank([(spec, det) for spec, det, _ in candidates], list(split.val))
     )
-    return {"category": category, "counts": split.counts(), "rows": rows, "validation": candidates}
+    fit_s = sum(s for *_, s in candidates) + rank_s  # every candidate's fit, then the ranking
+    rows.append(measure(det, split, masks, "auto", weights_text(record), fit_s))
+    return {"category": category, "counts": split.counts(), "rows": rows, "selection": record}
 
 
 def markdown(rows: list[dict], bold: bool = False) -> str:
@@ -123,7 +109,7 @@ def markdown(rows: list[dict], bold: bool = False) -> str:
 def auto_gaps(rows: list[dict]) -> str:
     """How far the auto row is from the best PatchCore or PaDiM row on each metric (+ above, - below)."""
     auto = next(r for r in rows if r["method"] == "auto")
-    single = [r for r in rows if r["method"] in ("patchcore", "padim")]
+    single = [r for r in rows if r["method"] in SINGLE]
     gaps = []
     for metric in METRICS:
         best = max(single, key=lambda r: r[metric])

@@ -12,7 +12,7 @@ from anomap import PaDiM, PatchCore, create, load
 from anomap.data import MVTecAD
 from anomap.detectors.ensemble import Ensemble, standardize
 from anomap.detectors.model_file import read_model_file, write_model_file
-from anomap.errors import AnomapError, ModelFileError
+from anomap.errors import AnomapError, ModelFileError, ParamError
 
 from conftest import assert_close_scaled
 
@@ -102,12 +102,82 @@ def test_file_without_a_member_tensor_is_refused(ensemble, tmp_path):
 def test_assembled_from_fitted_members_equals_fitted_whole(ensemble, alone, toy):
     pc, pd = (create(m, **m_params) for m, m_params in (("patchcore", PARAMS), ("padim", PARAMS)))
     with pytest.raises(AnomapError, match="not fitted"):
-        Ensemble.assemble(pc, pd)
+        Ensemble.assemble([pc, pd])
     with pytest.raises(AnomapError, match="parameters an ensemble gives"):
-        Ensemble.assemble(PatchCore(**PARAMS, k=2), alone[1])
-    assembled = Ensemble.assemble(*alone)
-    assert assembled.get_params() == ensemble.get_params()
+        Ensemble.assemble([PatchCore(**PARAMS, k=2), alone[1]])
+    assembled = Ensemble.assemble(alone)
+    assert [m.get_params() for m in assembled._members.values()] == [m.get_params() for m in ensemble._members.values()]
     assert_close_scaled(assembled.normal_scores_, ensemble.normal_scores_)
     a, b = assembled.predict(toy.test), ensemble.predict(toy.test)
     assert_close_scaled(a.scores, b.scores)
     assert_close_scaled(a.maps, b.maps)
+
+
+def test_weighted_members_on_two_backbones_against_a_direct_computation(toy, alone):
+    """Members on two backbones (one converting the other's normalisation) with separate score and
+    map weights: the weighted means of the members' z-scores, each member alone as reference."""
+    pc, pd = alone
+    edge = PatchCore(**{**PARAMS, "backbone": "mobilenet_v2"}, border="reflect").fit(toy.train)
+    members = [pc, pd, edge]
+    score_w, map_w = [2.0, 1.0, 0.0], [1.0, 0.0, 3.0]
+    preds = [m.predict(toy.test) for m in members]
+    fused = Ensemble.assemble(
+        [PatchCore(**PARAMS).fit(toy.train), PaDiM(**PARAMS).fit(toy.train), edge], score_w, map_w
+    )
+    assert list(fused._members) == ["patchcore0", "padim", "patchcore1"]
+    got = fused.predict(toy.test)
+
+    def weighted(values, weights):
+        return sum(w * _z(v, m.normal_scores_) for v, m, w in zip(values, members, weights)) / sum(weights)
+
+    assert_close_scaled(got.scores, weighted([p.scores for p in preds], score_w))
+    assert_close_scaled(got.maps, weighted([p.maps for p in preds], map_w))
+    assert_close_scaled(fused.normal_scores_, weighted([m.normal_scores_ for m in members], score_w))
+
+
+def test_members_round_trip_through_a_model_file(toy, alone, tmp_path):
+    specs = [
+        {"method": "patchcore", "border": "reflect", "map_weight": 2},
+        {"method": "padim", "backbone": "mobilenet_v2", "score_weight": 0.5},
+    ]
+    det = create("ensemble", **PARAMS, members=specs).fit(toy.train)
+    assert det.members[0] == {
+        "method": "patchcore",
+        "backbone": None,
+        "border": "reflect",
+        "score_weight": 1.0,
+        "map_weight": 2.0,
+    }
+    back = load(det.save(tmp_path / "m.anomap"))
+    assert back.members == det.members
+    a, b = det.predict(toy.test), back.predict(toy.test)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.maps, b.maps)
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        [],
+        [{"method": "psfe"}],
+        [{"method": "padim", "border": "reflect"}],
+        [{"method": "patchcore", "border": "mirror"}],
+        [{"method": "patchcore", "score_weight": -1}],
+        [{"method": "patchcore", "map_weight": 0}],
+        [{"method": "patchcore", "backbone": "vgg"}],
+        [{"method": "patchcore", "extra": 1}],
+        "patchcore",
+    ],
+)
+def test_bad_members_are_refused_with_what_is_allowed(members):
+    with pytest.raises(ParamError, match="members must be null or a list of 1 to 16 members"):
+        create("ensemble", **PARAMS, members=members)
+
+
+def test_a_weights_file_fits_one_backbone(tmp_path):
+    with pytest.raises(ParamError, match="one backbone"):
+        create(
+            "ensemble",
+            **{**PARAMS, "weights": str(tmp_path / "w.pth")},
+            members=[{"method": "patchcore"}, {"method": "padim", "backbone": "mobilenet_v2"}],
+        )

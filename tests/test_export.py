@@ -45,6 +45,11 @@ def method_params(method: str, image_size: int = 128) -> dict:
         params["backbone"] = "efficientnet_lite0"
     if "epochs" in names:
         params["epochs"] = 3
+    if method == "ensemble":  # two backbones, PatchCore with reflected edges, unequal weights
+        params["members"] = [
+            {"method": "patchcore", "border": "reflect", "map_weight": 2},
+            {"method": "padim", "backbone": "mobilenet_v2", "score_weight": 0.5},
+        ]
     return params
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from anomap.errors import AnomapError
 from anomap.ops import (
     PRECISIONS,
     align_concat,
@@ -107,6 +108,18 @@ def test_align_concat_shapes_and_local_average():
     pooled = align_concat({"a": x}, ("a",), pool=3)
     assert pooled[0, 0, 1, 1].item() == pytest.approx(1.0)
     assert pooled[0, 0, 0, 0].item() == 0.0
+
+
+def test_align_concat_reflect_averages_mirrored_neighbours():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    zeros = align_concat({"a": x}, ("a",), pool=3)
+    out = align_concat({"a": x}, ("a",), pool=3, border="reflect")
+    torch.testing.assert_close(out[..., 1:3, 1:3], zeros[..., 1:3, 1:3])  # the same inside
+    mirrored = torch.tensor([[5.0, 4, 5], [1, 0, 1], [5, 4, 5]])  # corner (0, 0): rows -1..1, cols -1..1
+    assert out[0, 0, 0, 0].item() == pytest.approx(mirrored.mean().item())
+    assert out[0, 0, 0, 0].item() > zeros[0, 0, 0, 0].item()  # not damped by zeros
+    with pytest.raises(AnomapError, match="at least 2 x 2"):
+        align_concat({"a": torch.ones(1, 1, 1, 3)}, ("a",), pool=3, border="reflect")
 
 
 def test_reduce_channels_averages_groups():

@@ -204,3 +204,16 @@ def test_half_precision_keeps_image_scores_and_maps_close(fitted, toy):
     np.testing.assert_allclose(half.scores, plain.scores, rtol=0.05)
     assert np.corrcoef(half.maps.ravel(), plain.maps.ravel())[0, 1] > 0.99
     assert not np.array_equal(half.scores, plain.scores)  # the half path did run
+
+
+def test_reflected_border_changes_only_edge_patches_and_is_kept_by_the_file(fitted, toy, tmp_path):
+    edge = PatchCore(backbone="efficientnet_lite0", image_size=128, device="cpu", border="reflect").fit(toy.train)
+    batch = next(iter(edge._batches(toy.test[:2], "t")))
+    feats = edge.encoder_.features(batch)
+    a, b = fitted._embed(feats), edge._embed(feats)  # (B, h, w, D)
+    # layer3 (half the grid) is upsampled onto layer2's grid, so the border reaches 3 cells in
+    torch.testing.assert_close(a[:, 3:-3, 3:-3], b[:, 3:-3, 3:-3])
+    assert not torch.allclose(a[:, 0], b[:, 0]) and not torch.allclose(a[:, :, -1], b[:, :, -1])
+    back = load(edge.save(tmp_path / "edge.anomap"))
+    assert back.border == "reflect"
+    np.testing.assert_array_equal(back.predict(toy.test[:3]).maps, edge.predict(toy.test[:3]).maps)

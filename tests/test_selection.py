@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from anomap import PaDiM, Prediction, evaluation, load, metrics, runs, selection
+from anomap import PaDiM, Prediction, evaluation, load, metrics, runfolder, runs, selection
 from anomap.cli import main
 from anomap.data import MVTecAD
 from anomap.detectors.model_file import read_model_file, write_model_file
@@ -46,7 +46,7 @@ def selected(poisoned):
 def test_selection_never_reads_the_test_split(selected):
     det, record = selected  # fitting and ranking all candidates on the poisoned root succeeded
     assert record["n_val_anomalous"] >= 1 and record["n_val_normal"] >= 1
-    assert len(record["candidates"]) == len(selection.BACKBONES) * len(selection.METHODS)
+    assert len(record["candidates"]) == len(selection.BACKBONES) * len(selection.VARIANTS)
 
 
 def test_poisoning_would_be_noticed(poisoned, tmp_path):
@@ -58,30 +58,63 @@ def test_poisoning_would_be_noticed(poisoned, tmp_path):
         selection.fit_auto(root, "toy", 5, backbone="efficientnet_lite0", **FAST)
 
 
-def test_the_best_candidate_is_kept_with_its_recorded_figures(selected, poisoned):
+def test_the_weighted_choice_is_kept_with_its_recorded_figures(selected, poisoned):
     det, record = selected
-    scores = [c["score"] for c in record["candidates"]]
-    best = record["candidates"][int(np.argmax(scores))]
-    assert record["chosen"] == {"method": best["method"], "backbone": best["backbone"]}
-    assert (det.method, det.backbone) == (best["method"], best["backbone"])
-    for c in record["candidates"]:
+    cands = record["candidates"]
+    used = [c for c in cands if c["score_weight"] or c["map_weight"]]
+    assert sum(c["score_weight"] for c in cands) >= 1 and sum(c["map_weight"] for c in cands) >= 1
+    if len(used) == 1:
+        assert (det.method, det.backbone) == (used[0]["method"], used[0]["backbone"])
+        assert getattr(det, "border", None) == used[0].get("border")
+    else:
+        assert det.method == "ensemble"
+        specs = [{**c, "method": c["method"]} for c in used]
+        assert [
+            (m["method"], m["backbone"], m.get("border"), m["score_weight"], m["map_weight"]) for m in det.members
+        ] == [(c["method"], c["backbone"], c.get("border"), c["score_weight"], c["map_weight"]) for c in specs]
+    assert record["chosen"] == {"method": det.method, "backbone": det.backbone}
+    for c in cands:
         assert c["aupro"] is not None and c["pixel_auroc"] is not None  # the toy's anomalies have masks
         assert c["score"] == pytest.approx((c["image_auroc"] + c["pixel_auroc"] + c["aupro"]) / 3)
     val = split_category(MVTecAD(poisoned, "toy"), 5).val
     labels = np.array([s.label for s in val])
-    masks = selection._val_masks(val, det)
-    again = selection.validation_figures(labels, masks, det.predict(val))
-    assert again["score"] == pytest.approx(best["score"], abs=1e-4)
+    again = selection.validation_figures(labels, selection._val_masks(val, det), det.predict(val))
+    assert again["score"] == pytest.approx(record["validation"]["score"], abs=1e-4)
+    assert record["validation"]["score"] >= max(c["image_auroc"] for c in cands) / 3  # a sanity floor
+
+
+def test_forward_select_adds_the_best_addition_until_none_helps():
+    # value: how close the weight shares come to (0.5, 0.25, 0.25, 0); ties go to the higher tiebreak
+    target = np.array([0.5, 0.25, 0.25, 0.0])
+
+    def value(counts):
+        return -np.abs(np.array(counts) / sum(counts) - target).sum()
+
+    assert selection.forward_select(4, value, [0, 0, 0, 0]) == [2, 1, 1, 0]
+    assert selection.forward_select(4, value, [0, 0, 0, 0], steps=1) == [1, 0, 0, 0]
+    flat = selection.forward_select(3, lambda counts: 1.0, [0.2, 0.9, 0.9])
+    assert flat == [0, 1, 0]  # all equal: one step, the higher tiebreak, then the earlier one
+
+
+def test_fuse_is_the_weighted_mean_of_standardised_predictions():
+    rng = np.random.default_rng(1)
+    preds = [Prediction(rng.random(5, np.float32), rng.random((5, 3, 3), np.float32), None) for _ in range(2)]
+    normal = [rng.random(6), rng.random(6) * 10]
+    fused = selection.fuse(preds, normal, [3, 1], [0, 2])
+
+    def z(v, n):
+        return (v - n.mean()) / n.std(ddof=1)
+
+    np.testing.assert_allclose(
+        fused.scores, (3 * z(preds[0].scores, normal[0]) + z(preds[1].scores, normal[1])) / 4, rtol=1e-5
+    )
+    np.testing.assert_allclose(fused.maps, z(preds[1].maps, normal[1]), rtol=1e-5, atol=1e-6)
 
 
 def test_without_masks_the_score_is_image_auroc():
     pred = Prediction(np.array([0.1, 0.9, 0.4], np.float32), np.zeros((3, 4, 4), np.float32), None)
     figures = selection.validation_figures(np.array([0, 1, 1]), None, pred)
     assert figures == {"image_auroc": 1.0, "pixel_auroc": None, "aupro": None, "score": 1.0}
-
-
-def test_choose_takes_the_first_of_equal_scores():
-    assert selection.choose([{"score": 0.5}, {"score": 0.9}, {"score": 0.9}]) == 1
 
 
 def test_without_anomalous_validation_images_the_default_is_taken(tmp_path, caplog):
@@ -140,10 +173,11 @@ def test_report_shows_the_selection_record(selected, tmp_path):
     model = {"method": det.method, "params": det.get_params(), "threshold": 0.6, "selection": record}
     page = write_report(_run_folder(tmp_path / "run", model)).read_text()
     assert record["criterion"] in page
-    rows = re.findall(r"<tr( class=\"chosen\")?><td>(\w+)</td><td>(\w+)</td>", page)
-    assert [(m, b) for _, m, b in rows] == [(c["method"], c["backbone"]) for c in record["candidates"]]
-    assert [(m, b) for chosen, m, b in rows if chosen] == [(det.method, det.backbone)]
-    best = max(record["candidates"], key=lambda c: c["score"])
+    rows = re.findall(r"<tr( class=\"chosen\")?><td>([\w ()]+)</td><td>(\w+)</td>", page)
+    cands = record["candidates"]
+    assert [(m, b) for _, m, b in rows] == [(runfolder.candidate_label(c), c["backbone"]) for c in cands]
+    assert [bool(chosen) for chosen, _, _ in rows] == [bool(c["score_weight"] or c["map_weight"]) for c in cands]
+    best = max(cands, key=lambda c: c["score"])
     assert f"{best['score']:.4f}" in page
 
 
@@ -153,7 +187,8 @@ def test_an_evaluation_of_a_selected_model_reports_its_record(selected, poisoned
     val = split_category(MVTecAD(poisoned, "toy"), 5).val  # readable, unlike the poisoned test part
     page = evaluation.write_run(tmp_path / "run", loaded, evaluation.evaluate(loaded, val), "auto").read_text()
     assert json.loads((tmp_path / "run/model.json").read_text())["selection"] == json.loads(json.dumps(record))
-    assert record["criterion"] in page and page.count('<tr class="chosen">') == 1
+    used = sum(1 for c in record["candidates"] if c["score_weight"] or c["map_weight"])
+    assert record["criterion"] in page and page.count('<tr class="chosen">') == used
 
 
 def test_report_refuses_a_damaged_selection_record(selected, tmp_path):
@@ -185,7 +220,7 @@ def test_cli_fit_auto(poisoned, tmp_path, capsys):
     assert main(args + ["--out", str(out), "--split-seed", "5"]) == 0
     printed = capsys.readouterr().out
     record = selection.read_selection(out)
-    assert [c["backbone"] for c in record["candidates"]] == ["efficientnet_lite0"] * 3
+    assert [c["backbone"] for c in record["candidates"]] == ["efficientnet_lite0"] * len(selection.VARIANTS)
     assert f"chosen: {record['chosen']['method']} on efficientnet_lite0" in printed
     assert record["split_seed"] == 5
     assert main(args + ["--out", str(tmp_path / "no.anomap")]) == 2
@@ -216,4 +251,5 @@ def test_benchmark_has_an_auto_row(tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["patchcore", "auto"]
     record = json.loads(next(out.glob("runs/toy/auto/clean/*/selection.json")).read_text())
-    assert len(record["candidates"]) == 3 and record["chosen"]["backbone"] == "efficientnet_lite0"
+    assert len(record["candidates"]) == len(selection.VARIANTS)
+    assert record["chosen"]["backbone"] == "efficientnet_lite0"

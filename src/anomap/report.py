@@ -40,7 +40,7 @@ from ._io import atomic_path, write_text
 from .errors import DataError
 from .metric_table import RUN, SUMMARY, Metric
 from .plots import write_plots
-from .runfolder import archive_files, output_folder, read_results, read_run
+from .runfolder import archive_files, candidate_label, output_folder, read_results, read_run
 
 OUTCOMES = {"tp": "true positive", "tn": "true negative", "fp": "false positive", "fn": "false negative"}
 SPLIT_PARTS = ("train", "val", "test")
@@ -88,14 +88,25 @@ def _model(model: dict | None) -> dict | None:
 
 def _selection(record: dict | None) -> dict | None:
     """The `--method auto` record (checked by `anomap.runfolder`): candidates with their validation
-    figures, the chosen one marked."""
+    figures and weights, those the chosen model uses marked."""
     if not record:
         return None
     chosen = (record["chosen"]["method"], record["chosen"]["backbone"])
+
+    def used(c: dict) -> bool:
+        if "score_weight" in c:
+            return c["score_weight"] > 0 or c["map_weight"] > 0
+        return (c["method"], c["backbone"]) == chosen
+
     rows = [
         {
-            "chosen": (c["method"], c["backbone"]) == chosen,
-            "cells": [c["method"], c["backbone"], *(_figure(c.get(k)) for k in SELECTION_FIGURES)],
+            "chosen": used(c),
+            "cells": [
+                candidate_label(c),
+                c["backbone"],
+                *(_figure(c.get(k)) for k in SELECTION_FIGURES),
+                *(f"{c[k]:g}" if k in c else "" for k in ("score_weight", "map_weight")),
+            ],
         }
         for c in record["candidates"]
     ]

@@ -341,18 +341,31 @@ class _Checker:
         return doc
 
     def selection(self, value: object) -> None:
-        """The record of `--method auto` (`anomap.selection`): criterion, candidates, choice."""
+        """The record of `--method auto` (`anomap.selection`): criterion, candidates (with their
+        optional border and weights), choice and its optional validation figures."""
         doc = self.object(value, "selection")
         self.text(doc.get("criterion"), "selection.criterion")
         self.text(doc.get("note"), "selection.note")
         for key in ("method", "backbone"):
             self.text(self.object(doc.get("chosen"), "selection.chosen").get(key), f"selection.chosen.{key}", False)
+        for key, number in self.object(doc.get("validation") or {}, "selection.validation").items():
+            self.number(number, f"selection.validation.{key}")
         for i, c in enumerate(self.array(doc.get("candidates"), "selection.candidates")):
             where = f"selection.candidates[{i}]"
             for key in ("method", "backbone"):
                 self.text(self.object(c, where).get(key), f"{where}.{key}", False)
+            self.text(c.get("border"), f"{where}.border")
             for key in ("image_auroc", "pixel_auroc", "aupro", "score"):
                 self.number(c.get(key), f"{where}.{key}")
+            if "score_weight" in c or "map_weight" in c:
+                for key in ("score_weight", "map_weight"):
+                    self.number(c.get(key), f"{where}.{key}", optional=False)
+
+
+def candidate_label(candidate: dict) -> str:
+    """A selection candidate's method, with its edge padding when it has one: "patchcore (reflect)"."""
+    border = candidate.get("border")
+    return candidate["method"] if border is None else f"{candidate['method']} ({border})"
 
 
 def read_results(folder: str | Path, metrics: tuple[str, ...], parts: tuple[str, ...]) -> dict:

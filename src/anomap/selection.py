@@ -1,14 +1,16 @@
 """Model selection on the validation split: `anomap fit --method auto`.
 
-Candidates: PatchCore, PaDiM and their ensemble (`anomap.detectors.ensemble`) on each backbone of
-`BACKBONES`. PatchCore and PaDiM are fitted on the train part of the protocol split
-(`anomap.protocol.split_category`); the ensemble of a backbone is made from those two fitted
-members, as `Ensemble.assemble` does, without another fit. Each candidate scores the validation
-part, which holds normal and anomalous images, and the best by `CRITERION` is kept (on a tie, the
-earlier candidate). The test part is never read.
+Candidates: on each backbone of `BACKBONES`, PatchCore with zero-padded and with reflected
+neighbourhoods at the image edge (`border`) and PaDiM, each fitted once on the train part of the
+protocol split (`anomap.protocol.split_category`) and run once on the validation part, which holds
+normal and anomalous images. Their image scores and maps are standardised by their own leave-out
+scores, as in `anomap.detectors.ensemble`, and weighted by greedy forward selection (`forward_select`,
+`CRITERION`): the image score's weights for the best image AUROC, the map's for the best mean of
+pixel AUROC and AUPRO. The test part is never read.
 
-Without both normal and anomalous validation images nothing can be ranked: `DEFAULT` is fitted
-instead, and the record says so.
+One candidate with all the weight is kept alone; otherwise `Ensemble.assemble` makes the weighted
+ensemble of the chosen, already fitted candidates. Without both normal and anomalous validation
+images nothing can be ranked: `DEFAULT` is fitted instead, and the record says so.
 
 What was tried is returned as a record (JSON-serialisable), which `save_selected` keeps in the
 model file's metadata and `read_selection` reads back.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,36 +33,61 @@ from .detectors.ensemble import Ensemble, standardize
 from .detectors.model_file import read_model_file
 from .errors import AnomapError
 from .protocol import Split, split_category
+from .runfolder import candidate_label
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("efficientnet_lite0", "efficientnet_lite1")
-METHODS = ("patchcore", "padim", "ensemble")
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenet_v2")
+# each backbone's candidates: method and the parameters that set it apart
+VARIANTS = (("patchcore", {"border": "zeros"}), ("patchcore", {"border": "reflect"}), ("padim", {}))
+MAX_STEPS = 8  # greedy steps, so a weight is a count from 0 to 8
 DEFAULT = {"method": "ensemble", "backbone": "efficientnet_lite1"}  # the offline default backbone
 CRITERION = (
-    "mean of image AUROC, pixel AUROC and AUPRO on the validation split (image AUROC alone when no "
-    "validation mask marks an anomalous pixel)"
+    f"candidates standardised by their leave-out scores and weighted by greedy forward selection "
+    f"(repeats allowed, at most {MAX_STEPS} steps, ties to the higher mean of the image AUROC, pixel "
+    "AUROC and AUPRO of the candidate alone): weights of the image score for the highest image AUROC "
+    "on the validation split, weights of the map for the highest mean of pixel AUROC and AUPRO there "
+    "(the image score weights when no validation mask marks an anomalous pixel)"
 )
 # parameters every candidate takes; anything else belongs to one method only
 SHARED = ("backbone", "image_size", "crop", "device", "batch_size", "seed", "weights", "threshold_images")
+Candidate = tuple[dict, Detector]  # (method, backbone and variant parameters; fitted detector)
 
 
-def ensemble_prediction(patchcore: Prediction, padim: Prediction, normal: list[np.ndarray]) -> Prediction:
-    """What the ensemble of two fitted members predicts, from their predictions and their (m,)
-    normal scores (the same standardisation as `Ensemble`); no threshold."""
-    scores = np.mean([standardize(p.scores, n) for p, n in zip((patchcore, padim), normal)], axis=0)
-    maps = np.mean([standardize(p.maps, n) for p, n in zip((patchcore, padim), normal)], axis=0)
-    return Prediction(scores.astype(np.float32), maps.astype(np.float32), None)
+def fuse(preds: Sequence[Prediction], normal: Sequence[np.ndarray], score_w, map_w) -> Prediction:
+    """What an ensemble of fitted members predicts, from their predictions, their (m,) normal
+    scores and their weights (the standardisation of `Ensemble`); no threshold."""
+
+    def mean(values, weights):
+        total = float(sum(weights))
+        parts = [standardize(v, n) * (w / total) for v, n, w in zip(values, normal, weights) if w > 0]
+        return np.sum(parts, axis=0).astype(np.float32)
+
+    return Prediction(mean([p.scores for p in preds], score_w), mean([p.maps for p in preds], map_w), None)
 
 
 def validation_figures(labels: np.ndarray, masks: np.ndarray | None, pred: Prediction) -> dict:
     """Image AUROC, pixel AUROC and AUPRO (both None without masks) of one candidate from its
-    (N,) labels, (N, S, S) masks and prediction, and the criterion's score."""
+    (N,) labels, (N, S, S) masks and prediction, and their mean (image AUROC alone without masks)."""
     image = metrics.image_auroc(labels, pred.scores)
     if masks is None:
         return {"image_auroc": image, "pixel_auroc": None, "aupro": None, "score": image}
     pixel, pro = metrics.pixel_auroc(masks, pred.maps), metrics.aupro(masks, pred.maps)
     return {"image_auroc": image, "pixel_auroc": pixel, "aupro": pro, "score": (image + pixel + pro) / 3}
+
+
+def forward_select(n: int, value: Callable[[list[int]], float], tiebreak: Sequence[float], steps: int = MAX_STEPS):
+    """Greedy forward selection with repeats among n candidates: start from none, add the one whose
+    addition gives the highest `value(counts)` (ties: higher `tiebreak`, then the earlier one), stop
+    when no addition raises it or after `steps`. Returns the (n,) counts."""
+    counts, best = [0] * n, None
+    for _ in range(steps):
+        trials = [(value([c + (i == j) for j, c in enumerate(counts)]), tiebreak[i], -i) for i in range(n)]
+        top = max(range(n), key=lambda i: trials[i])
+        if best is not None and trials[top][0] <= best:
+            break
+        best, counts[top] = trials[top][0], counts[top] + 1
+    return counts
 
 
 def _check_params(params: dict) -> None:
@@ -77,14 +105,59 @@ def _val_masks(val: list[Sample], det: Detector) -> np.ndarray | None:
     return None if masks is None or not masks.any() else masks
 
 
-def _fit_members(train: list[Sample], backbone: str, params: dict) -> tuple[dict[str, Detector], float]:
-    start = time.perf_counter()
-    members = {m: create(m, **params, backbone=backbone).fit(train) for m in ("patchcore", "padim")}
-    return members, time.perf_counter() - start
+def fit_candidates(train: list[Sample], backbones: Sequence[str], params: dict) -> tuple[list[Candidate], dict]:
+    """Every variant on every backbone fitted on `train`; and the seconds each backbone took."""
+    candidates, seconds = [], {}
+    for backbone in backbones:
+        start = time.perf_counter()
+        for method, variant in VARIANTS:
+            spec = {"method": method, "backbone": backbone, **variant}
+            candidates.append((spec, create(method, **params, backbone=backbone, **variant).fit(train)))
+        seconds[backbone] = time.perf_counter() - start
+    return candidates, seconds
+
+
+def rank(candidates: list[Candidate], val: list[Sample]) -> tuple[Detector, dict]:
+    """Weight the fitted candidates on the validation images (module docstring); return the chosen
+    detector (one candidate, or their ensemble) and the record of what was tried."""
+    labels = np.array([s.label for s in val])
+    dets = [det for _, det in candidates]
+    preds = [det.predict(val) for det in dets]
+    normal = [det.normal_scores_ for det in dets]
+    masks = _val_masks(val, dets[0])  # the masks depend on image_size and crop only, which all share
+    figures = [validation_figures(labels, masks, p) for p in preds]
+    own = [f["score"] for f in figures]
+    n = len(dets)
+
+    def image_value(counts):
+        return metrics.image_auroc(labels, fuse(preds, normal, counts, counts).scores)
+
+    def map_value(counts):
+        fused = fuse(preds, normal, counts, counts).maps
+        return (metrics.pixel_auroc(masks, fused) + metrics.aupro(masks, fused)) / 2
+
+    score_w = forward_select(n, image_value, own)
+    map_w = forward_select(n, map_value, own) if masks is not None else score_w
+    used = [i for i in range(n) if score_w[i] or map_w[i]]
+    if len(used) == 1:
+        chosen = dets[used[0]]
+    else:
+        chosen = Ensemble.assemble([dets[i] for i in used], [score_w[i] for i in used], [map_w[i] for i in used])
+    record = {
+        "criterion": CRITERION,
+        "candidates": [
+            {**spec, **fig, "score_weight": float(s), "map_weight": float(m)}
+            for (spec, _), fig, s, m in zip(candidates, figures, score_w, map_w)
+        ],
+        "chosen": {"method": chosen.method, "backbone": chosen.backbone},
+        "validation": validation_figures(labels, masks, fuse(preds, normal, score_w, map_w)),
+    }
+    return chosen, record
 
 
 def select(split: Split, **params) -> tuple[Detector, dict]:
-    """Fit the candidates on `split.train`, rank them on `split.val`, return the best and the record.
+    """Fit the candidates on `split.train`, weight them on `split.val`, return the chosen detector
+    and the record.
 
     Args:
         split: the protocol split; `split.test` is never read.
@@ -93,11 +166,11 @@ def select(split: Split, **params) -> tuple[Detector, dict]:
 
     Returns:
         (the chosen detector, fitted on `split.train`; the record: criterion, candidates tried
-        with their validation figures, the choice, and a note when the default was taken).
+        with their validation figures and weights, the choice and its validation figures, and a
+        note when the default was taken).
     """
     _check_params(params)
     given = params.pop("backbone", None)
-    backbones = BACKBONES if given is None else (given,)
     train, val = list(split.train), list(split.val)
     labels = np.array([s.label for s in val])
     record = {
@@ -110,26 +183,10 @@ def select(split: Split, **params) -> tuple[Detector, dict]:
     }
     if not (labels == 1).any() or not (labels == 0).any():
         return _default(train, record, given or DEFAULT["backbone"], params)
-    fitted, masks, record["fit_seconds"] = {}, None, {}
-    for backbone in backbones:
-        members, record["fit_seconds"][backbone] = _fit_members(train, backbone, params)
-        preds = {m: members[m].predict(val) for m in ("patchcore", "padim")}
-        preds["ensemble"] = ensemble_prediction(
-            preds["patchcore"], preds["padim"], [m.normal_scores_ for m in members.values()]
-        )
-        if not fitted:  # the masks depend on image_size and crop only, which every candidate shares
-            masks = _val_masks(val, members["patchcore"])
-        fitted[backbone] = members
-        for method in METHODS:
-            figures = validation_figures(labels, masks, preds[method])
-            record["candidates"].append({"method": method, "backbone": backbone, **figures})
-            log.info("%s on %s: validation score %.4f", method, backbone, figures["score"])
-    chosen = record["candidates"][choose(record["candidates"])]
-    record["chosen"] = {"method": chosen["method"], "backbone": chosen["backbone"]}
-    members = fitted[chosen["backbone"]]
-    if chosen["method"] == "ensemble":
-        return Ensemble.assemble(members["patchcore"], members["padim"]), record
-    return members[chosen["method"]], record
+    candidates, record["fit_seconds"] = fit_candidates(train, BACKBONES if given is None else (given,), params)
+    det, ranked = rank(candidates, val)
+    log.info("chose %s on %s: validation score %.4f", det.method, det.backbone, ranked["validation"]["score"])
+    return det, {**record, **ranked}
 
 
 def _default(train: list[Sample], record: dict, backbone: str, params: dict) -> tuple[Detector, dict]:
@@ -142,11 +199,6 @@ def _default(train: list[Sample], record: dict, backbone: str, params: dict) -> 
     log.warning(record["note"])
     record["chosen"] = {"method": DEFAULT["method"], "backbone": backbone}
     return create(DEFAULT["method"], **params, backbone=backbone).fit(train), record
-
-
-def choose(candidates: list[dict]) -> int:
-    """Index of the candidate with the highest criterion `score`; the first one on a tie."""
-    return int(np.argmax([c["score"] for c in candidates]))
 
 
 def fit_auto(root: str | Path, category: str, split_seed: int, **params) -> tuple[Detector, dict]:
@@ -170,15 +222,21 @@ def read_selection(path: str | Path) -> dict | None:
 
 
 def format_record(record: dict) -> str:
-    """The candidates and their validation figures as a plain-text table, then the choice."""
-    lines = [f"{'method':10s} {'backbone':20s} {'image_auroc':>11s} {'pixel_auroc':>11s} {'aupro':>7s} {'score':>7s}"]
+    """The candidates, their validation figures and weights as a plain-text table, then the choice."""
+    head = ("image_auroc", "pixel_auroc", "aupro", "score", "score_w", "map_w")
+    lines = [f"{'method':20s} {'backbone':20s} " + " ".join(f"{h:>11s}" for h in head)]
     for c in record["candidates"]:
-        pixel, pro = ("n/a" if c[k] is None else f"{c[k]:.4f}" for k in ("pixel_auroc", "aupro"))
-        lines.append(
-            f"{c['method']:10s} {c['backbone']:20s} {c['image_auroc']:11.4f} {pixel:>11s} {pro:>7s} {c['score']:7.4f}"
-        )
+        cells = ["n/a" if c.get(k) is None else f"{c[k]:.4f}" for k in head[:4]]
+        cells += [f"{c.get(k, 0):g}" for k in ("score_weight", "map_weight")]
+        lines.append(f"{candidate_label(c):20s} {c['backbone']:20s} " + " ".join(f"{x:>11s}" for x in cells))
     lines = lines if record["candidates"] else [record["note"]]
-    lines.append(
-        f"chosen: {record['chosen']['method']} on {record['chosen']['backbone']} (criterion: {record['criterion']})"
-    )
+    chosen = f"chosen: {record['chosen']['method']} on {record['chosen']['backbone']}"
+    fused = record.get("validation")
+    if fused:
+        chosen += (
+            " (validation "
+            + ", ".join(f"{k} {'n/a' if fused[k] is None else f'{fused[k]:.4f}'}" for k in head[:3])
+            + ")"
+        )
+    lines += [chosen, f"criterion: {record['criterion']}"]
     return "\n".join(lines)

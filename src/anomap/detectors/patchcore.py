@@ -53,6 +53,7 @@ from .base import Detector, expect_shape, state_grid
 SAMPLERS = ("coreset", "random", "none")
 SEARCHES = ("auto", "exact", "faiss", "ivf")
 IVF_MIN_BANK = 50_000  # search="auto" uses the IVF index from this many bank entries on
+BORDERS = ("zeros", "reflect")
 RECHECK = 8  # highest patches per image re-measured exactly after an approximate search
 
 
@@ -90,6 +91,12 @@ class PatchCore(Detector, FeatureParams):
     ivf_probe: int = param(16, Int(1, 100_000), "IVF cells visited per query (more: closer to exact)")
     reweight: bool = param(False, Bool(), "apply the paper's Eq. 7 reweighting to the image score")
     reweight_neighbors: int = param(9, Int(1, 1000), "bank neighbourhood size used by the reweighting")
+    border: str = param(
+        "zeros",
+        Choice(BORDERS),
+        "padding of the 3x3 patch neighbourhood at the image edge: zeros damps edge patches "
+        "(steadier image scores), reflect keeps defects at the edge as strong (better maps there)",
+    )
     blur_sigma: float = param(4.0, BLUR_SIGMA, "Gaussian blur of the anomaly map, in pixels")
     precision: str = param(
         "fp32",
@@ -108,7 +115,7 @@ class PatchCore(Detector, FeatureParams):
 
     def _embed(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         """Feature maps -> (B, h, w, D) patch embeddings."""
-        x = align_concat(feats, self.layers, pool=3).permute(0, 2, 3, 1)
+        x = align_concat(feats, self.layers, pool=3, border=self.border).permute(0, 2, 3, 1)
         if self.target_dim is not None:
             x = reduce_channels(x.reshape(-1, x.shape[-1]), self.target_dim).reshape(*x.shape[:3], -1)
         return x
