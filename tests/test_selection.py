@@ -100,7 +100,7 @@ def test_fuse_is_the_weighted_mean_of_standardised_predictions():
     rng = np.random.default_rng(1)
     preds = [Prediction(rng.random(5, np.float32), rng.random((5, 3, 3), np.float32), None) for _ in range(2)]
     normal = [rng.random(6), rng.random(6) * 10]
-    fused = selection.fuse(preds, normal, [3, 1], [0, 2])
+    fused = selection.fuse([selection.standardized(p, n) for p, n in zip(preds, normal)], [3, 1], [0, 2])
 
     def z(v, n):
         return (v - n.mean()) / n.std(ddof=1)

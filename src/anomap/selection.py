@@ -29,7 +29,7 @@ import numpy as np
 from . import metrics
 from .data import MVTecAD, Sample, load_masks
 from .detectors import Detector, Prediction, create
-from .detectors.ensemble import Ensemble, standardize
+from .detectors.ensemble import Ensemble, standardize, weighted_mean
 from .detectors.model_file import read_model_file
 from .errors import AnomapError
 from .protocol import Split, split_category
@@ -54,16 +54,19 @@ SHARED = ("backbone", "image_size", "crop", "device", "batch_size", "seed", "wei
 Candidate = tuple[dict, Detector]  # (method, backbone and variant parameters; fitted detector)
 
 
-def fuse(preds: Sequence[Prediction], normal: Sequence[np.ndarray], score_w, map_w) -> Prediction:
-    """What an ensemble of fitted members predicts, from their predictions, their (m,) normal
-    scores and their weights (the standardisation of `Ensemble`); no threshold."""
+def standardized(pred: Prediction, normal: np.ndarray) -> Prediction:
+    """A member's prediction standardised by its (m,) normal scores, as `Ensemble` does."""
+    return Prediction(standardize(pred.scores, normal), standardize(pred.maps, normal), None)
 
-    def mean(values, weights):
-        total = float(sum(weights))
-        parts = [standardize(v, n) * (w / total) for v, n, w in zip(values, normal, weights) if w > 0]
-        return np.sum(parts, axis=0).astype(np.float32)
 
-    return Prediction(mean([p.scores for p in preds], score_w), mean([p.maps for p in preds], map_w), None)
+def fuse(z: Sequence[Prediction], score_w, map_w) -> Prediction:
+    """What an ensemble of fitted members predicts, from their `standardized` predictions and
+    their weights (`Ensemble`'s weighted means); no threshold."""
+    return Prediction(
+        weighted_mean([p.scores for p in z], score_w).astype(np.float32),
+        weighted_mean([p.maps for p in z], map_w).astype(np.float32),
+        None,
+    )
 
 
 def validation_figures(labels: np.ndarray, masks: np.ndarray | None, pred: Prediction) -> dict:
@@ -122,18 +125,20 @@ def rank(candidates: list[Candidate], val: list[Sample]) -> tuple[Detector, dict
     detector (one candidate, or their ensemble) and the record of what was tried."""
     labels = np.array([s.label for s in val])
     dets = [det for _, det in candidates]
-    preds = [det.predict(val) for det in dets]
-    normal = [det.normal_scores_ for det in dets]
     masks = _val_masks(val, dets[0])  # the masks depend on image_size and crop only, which all share
-    figures = [validation_figures(labels, masks, p) for p in preds]
+    figures, z = [], []  # each candidate's figures and standardised prediction, standardised once
+    for det in dets:
+        pred = det.predict(val)
+        figures.append(validation_figures(labels, masks, pred))
+        z.append(standardized(pred, det.normal_scores_))
     own = [f["score"] for f in figures]
     n = len(dets)
 
     def image_value(counts):
-        return metrics.image_auroc(labels, fuse(preds, normal, counts, counts).scores)
+        return metrics.image_auroc(labels, weighted_mean([p.scores for p in z], counts))
 
     def map_value(counts):
-        fused = fuse(preds, normal, counts, counts).maps
+        fused = weighted_mean([p.maps for p in z], counts)
         return (metrics.pixel_auroc(masks, fused) + metrics.aupro(masks, fused)) / 2
 
     score_w = forward_select(n, image_value, own)
@@ -150,7 +155,7 @@ def rank(candidates: list[Candidate], val: list[Sample]) -> tuple[Detector, dict
             for (spec, _), fig, s, m in zip(candidates, figures, score_w, map_w)
         ],
         "chosen": {"method": chosen.method, "backbone": chosen.backbone},
-        "validation": validation_figures(labels, masks, fuse(preds, normal, score_w, map_w)),
+        "validation": validation_figures(labels, masks, fuse(z, score_w, map_w)),
     }
     return chosen, record
 

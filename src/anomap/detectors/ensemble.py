@@ -63,6 +63,13 @@ def standardize(values: torch.Tensor | np.ndarray, normal: np.ndarray) -> torch.
     return (values - float(mean)) / float(std)
 
 
+def weighted_mean(values: Sequence, weights: Sequence[float]):
+    """Weighted mean of same-shape arrays or tensors; those of weight 0 are left out."""
+    total = float(sum(weights))
+    parts = [v * (w / total) for v, w in zip(values, weights) if w > 0]
+    return sum(parts[1:], parts[0])
+
+
 class MemberList:
     """1 to `MAX_MEMBERS` member specs: {"method": patchcore or padim, "backbone": a name or null
     (the ensemble's), "border": zeros or reflect (PatchCore only), "score_weight", "map_weight":
@@ -219,9 +226,7 @@ class Ensemble(Detector, FeatureParams):
         specs = self.specs
         if self.weights not in ("imagenet", "random") and len({s["backbone"] or self.backbone for s in specs}) > 1:
             raise ParamError("a weights file fits one backbone: give members on one backbone, or imagenet weights")
-        self._weights = {
-            kind: torch.tensor([s[f"{kind}_weight"] for s in specs], dtype=torch.float64) for kind in ("score", "map")
-        }
+        self._weights = {kind: [s[f"{kind}_weight"] for s in specs] for kind in ("score", "map")}
         self._members = {}
         for name, spec in zip(member_names(specs), specs):
             kwargs = {n: getattr(self, n) for n in _SHARED} | {"backbone": spec["backbone"] or self.backbone}
@@ -265,10 +270,8 @@ class Ensemble(Detector, FeatureParams):
     def _combine(self, values: list[torch.Tensor], kind: str) -> torch.Tensor:
         """Members' scores or maps (kind "score" or "map"), in member order -> the weighted mean of
         their standardised values."""
-        weights = self._weights[kind].tolist()
-        total = sum(weights)
-        z = [standardize(v, m.normal_scores_) * (w / total) for v, m, w in zip(values, self._members.values(), weights)]
-        return torch.stack([t for t, w in zip(z, weights) if w > 0]).sum(0).float()
+        z = [standardize(v, m.normal_scores_) for v, m in zip(values, self._members.values())]
+        return weighted_mean(z, self._weights[kind]).float()
 
     def _score_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for encoder in self._encoders:  # one pass of each backbone for all its members
